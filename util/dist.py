@@ -1,0 +1,91 @@
+"""torchrun / DDP helpers. One process per device; a single process is world size 1 (no process group)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+_CONTROL_GROUP = None  # gloo group for tiny host-side messages (preemption flags) that must not sync the GPU
+
+
+def init_distributed(device):
+    """Reads torchrun's env, joins the process group once, picks this rank's device.
+
+    Returns (rank, world_size, local_rank, torch.device). `device` is "cuda" or "cpu" (or "cuda:N" without torchrun).
+    """
+    global _CONTROL_GROUP
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is visible (use --device cpu)")
+        dev = torch.device("cuda", local_rank) if world_size > 1 else torch.device(device)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return rank, world_size, local_rank, dev
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def any_rank(flag):
+    """True on every rank if `flag` is True on any rank. Host-side (gloo), so it never waits for the GPU."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return bool(t.item())
+
+
+def broadcast_object(obj, src=0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_CONTROL_GROUP)
+    return box[0]
+
+
+def all_gather_cat(t):
+    """(n, ...) per rank -> (world * n, ...), rank-major. Every rank must pass the same shape (no gradient)."""
+    if not is_dist():
+        return t
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def reduce_mean(t):
+    """Mean of a tensor over ranks (in place on a copy)."""
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / get_world_size()
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
