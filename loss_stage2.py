@@ -1,0 +1,179 @@
+"""Stage 2 objective (DDP-exact contrastive loss + complementary regularisation) and retrieval metrics.
+
+Under DDP each rank returns a loss whose mean over ranks equals the single-process loss on the global batch,
+and whose gradient, averaged by DDP, equals the single-process gradient (gather with gradient, local rows
+against all columns, masked means normalised by global counts).
+"""
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+import torch.nn.functional as F
+
+from util.misc import modality_pairs, pair_name
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_with_grad(x):
+    """(B, ...) on every rank -> (world * B, ...), rank order; gradients flow back to each rank's slice."""
+    if _world()[0] == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def _gather_no_grad(x):
+    """(B, ...) -> (world * B, ...) for tensors that need no gradient (masks)."""
+    world = _world()[0]
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _global_sum(x):
+    """Sum of a count over ranks (no gradient needed)."""
+    if _world()[0] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def contrastive_loss(z_a, z_b, logit_scale):
+    """Symmetric CLIP loss on L2-normalised (B, E) features; equal to open_clip ClipLoss in one process."""
+    world, rank = _world()
+    labels = torch.arange(z_a.shape[0], device=z_a.device) + rank * z_a.shape[0]  # equal local batches
+    loss_ab = F.cross_entropy(logit_scale * z_a @ gather_with_grad(z_b).T, labels)  # local rows of a->b
+    loss_ba = F.cross_entropy(logit_scale * z_b @ gather_with_grad(z_a).T, labels)  # local rows of b->a
+    return (loss_ab + loss_ba) / 2
+
+
+def masked_mean(tokens, keep):
+    """(B, K, E), bool (B, K) -> (B, E): mean over kept tokens; dropped values are selected out, not weighted."""
+    count = keep.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(keep[..., None], tokens, torch.zeros_like(tokens)).sum(dim=1) / count
+
+
+def complementary_terms(comp, keep, shared):
+    """L2 and diversity terms of one modality's complementary tokens.
+
+    comp (B, J, E) un-normalised complementary tokens, keep bool (B, J), shared (B, E) pooled overlapping
+    embedding. Means run over kept tokens (and kept pairs of different samples) of the *global* batch; each
+    term is exactly 0 when nothing is kept anywhere. `shared` is detached: the terms steer only the
+    complementary tokens, the shared embedding answers to the contrastive loss alone.
+    """
+    world, rank = _world()
+    B, J, _ = comp.shape
+    flat = comp.reshape(B * J, -1)
+    mask = keep.reshape(B * J)
+    all_sample = torch.arange(world * B, device=comp.device).repeat_interleave(J)  # global sample id per token
+    sample = all_sample[rank * B * J:(rank + 1) * B * J]
+    zero = flat.new_zeros(())
+    unit = F.normalize(flat, dim=-1)
+    # L2 and cosine with the sample's own shared embedding: means over kept tokens
+    n_kept = _global_sum(mask.sum()).clamp(min=1)
+    sq_norm = torch.where(mask, flat.pow(2).sum(-1), zero)
+    cos_shared = (unit * F.normalize(shared.detach(), dim=-1).repeat_interleave(J, dim=0)).sum(-1)
+    cos_shared = torch.where(mask, cos_shared.pow(2), zero)
+    l2 = world * sq_norm.sum() / n_kept
+    div_shared = world * cos_shared.sum() / n_kept
+    # cosine between different samples' tokens: local kept rows against all kept columns of other samples
+    all_unit, all_mask = gather_with_grad(unit), _gather_no_grad(mask.to(torch.uint8)).bool()  # gloo: no bool
+    pairs = mask[:, None] & all_mask[None, :] & (sample[:, None] != all_sample[None, :])  # (B*J, W*B*J)
+    n_pairs = _global_sum(pairs.sum()).clamp(min=1)
+    div_cross = world * torch.where(pairs, (unit @ all_unit.T).pow(2), zero).sum() / n_pairs
+    return l2, div_shared + div_cross
+
+
+def recall_at_k(sim, ks=(1, 5)):
+    """sim (Nq, Ng), ground truth of query i is gallery i -> {k: Recall@k in %}.
+
+    Ties count against the query (rank = gallery items scoring >= the true one), so a collapsed model
+    with all-equal scores gets 0, not 100.
+    """
+    truth = sim.diagonal()[:, None]  # (Nq, 1)
+    others = torch.ones_like(sim, dtype=torch.bool)
+    others.fill_diagonal_(False)
+    rank = ((sim >= truth) & others).sum(dim=1)  # (Nq,)
+    return {k: 100.0 * (rank < k).float().mean().item() for k in ks}
+
+
+def text_threshold_accuracy(sim, text_emb, threshold=0.9):
+    """TVL text accuracy in %: a hit when the top-1 retrieved item's caption embedding (Stage 1 text, (N, E),
+    index-aligned with queries and gallery) has cosine > threshold with the true caption's."""
+    text = F.normalize(text_emb.float(), dim=-1)
+    top1 = sim.argmax(dim=1)  # (Nq,)
+    cos = (text[top1] * text[: sim.shape[0]]).sum(-1)
+    return 100.0 * (cos > threshold).float().mean().item()
+
+
+def prefix_curve(reg_a, reg_b, num_overlapping):
+    """Recall@1 using only the first k overlapping tokens, k = 1..K_o; reg_*: (N, K, E) with all tokens kept.
+    Returns {"a2b": [R@1 for k=1..K_o], "b2a": [...]} in %."""
+    curve = {"a2b": [], "b2a": []}
+    positions = torch.arange(reg_a.shape[1], device=reg_a.device)
+    for k in range(1, num_overlapping + 1):
+        keep = (positions < k)[None].expand(reg_a.shape[0], -1)
+        z_a = F.normalize(masked_mean(reg_a, keep), dim=-1)
+        z_b = F.normalize(masked_mean(reg_b, keep), dim=-1)
+        sim = z_a @ z_b.T
+        curve["a2b"].append(recall_at_k(sim, ks=(1,))[1])
+        curve["b2a"].append(recall_at_k(sim.T, ks=(1,))[1])
+    return curve
+
+
+class Stage2Loss(nn.Module):
+    """Contrastive loss over all modality pairs + weighted complementary regularisation (+ optional recon)."""
+
+    def __init__(self, num_overlapping, complementary_reg_weight=0.0, complementary_recon_weight=0.0):
+        super().__init__()
+        self.num_overlapping = num_overlapping
+        self.reg_weight, self.recon_weight = complementary_reg_weight, complementary_recon_weight
+
+    def forward(self, out):
+        """out: the FluxTalk dict -> (total loss, {name: detached 0-d tensor})."""
+        registers, keep, scale = out["registers"], out["keep"], out["logit_scale"]
+        K_o = self.num_overlapping
+        shared = {m: masked_mean(r[:, :K_o], keep[:, :K_o]) for m, r in registers.items()}  # (B, E)
+        z = {m: F.normalize(s, dim=-1) for m, s in shared.items()}
+        terms, contrastive = {}, []
+        for a, b in modality_pairs(registers):
+            name = pair_name(a, b)
+            loss = contrastive_loss(z[a], z[b], scale)
+            contrastive.append(loss)
+            terms[f"contrastive_{name}"] = loss.detach()
+            with torch.no_grad():
+                sim = z[a] @ z[b].T
+                r1 = (recall_at_k(sim, (1,))[1] + recall_at_k(sim.T, (1,))[1]) / 2
+            terms[f"r1_{name}"] = torch.tensor(r1, device=sim.device)
+        total = terms["contrastive"] = torch.stack(contrastive).mean()
+        l2, div = [], []
+        for m, r in registers.items():
+            m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m])
+            terms[f"comp_l2_{m}"], terms[f"comp_div_{m}"] = m_l2.detach(), m_div.detach()
+            l2.append(m_l2)
+            div.append(m_div)
+        l2, div = torch.stack(l2).mean(), torch.stack(div).mean()
+        terms["comp_l2"], terms["comp_div"] = l2.detach(), div.detach()
+        if self.reg_weight > 0:
+            total = total + self.reg_weight * (l2 + div)
+        recon = total.new_zeros(())
+        if self.recon_weight > 0:
+            if "recon" not in out:
+                raise ValueError("complementary_recon_weight > 0 needs RegisterModule(recon_dims=...)")
+            per_m = []
+            for m, pred in out["recon"].items():
+                loss = (1 - F.cosine_similarity(pred, out["global"][m].to(pred.dtype), dim=-1)).mean()
+                terms[f"recon_{m}"] = loss.detach()
+                per_m.append(loss)
+            recon = torch.stack(per_m).mean()
+            total = total + self.recon_weight * recon
+        terms["recon"] = recon.detach()
+        terms["logit_scale"] = scale.detach()
+        terms["loss"] = total.detach()
+        return total, terms

@@ -1,0 +1,52 @@
+"""Worker for the DDP exactness test: 2 gloo processes, each on its half of a fixed global batch."""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from loss_stage2 import Stage2Loss
+from tvl_stage2 import RegisterModule
+
+GLOBAL_BATCH, K, K_O, E = 8, 4, 2, 16
+DIMS = {"tactile": 12, "text": 10, "vision": 14}
+
+
+def build_case():
+    """Same model, batch and keep mask on every process (seeded): (module, loss_fn, tokens, pad, global, keep)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    module = RegisterModule(DIMS, E, num_tokens=K, num_overlapping=K_O, width=32, depth=2, num_heads=4,
+                            recon_dims={m: E for m in DIMS})
+    tokens = {m: torch.randn(GLOBAL_BATCH, 6, c, generator=g) for m, c in DIMS.items()}
+    pad = {"text": torch.arange(6)[None, :] >= torch.randint(2, 7, (GLOBAL_BATCH, 1), generator=g)}
+    glob = {m: torch.randn(GLOBAL_BATCH, E, generator=g) for m in DIMS}
+    # prefix lengths 1..K: some samples keep no complementary token, some keep 1 or 2
+    keep = torch.arange(K)[None, :] < torch.tensor([4, 1, 3, 2, 4, 3, 4, 2])[:, None]
+    loss_fn = Stage2Loss(K_O, complementary_reg_weight=0.5, complementary_recon_weight=0.3)
+    return module, loss_fn, tokens, pad, glob, keep
+
+
+def step(module, loss_fn, tokens, pad, glob, keep, rows):
+    out = module({m: t[rows] for m, t in tokens.items()}, {m: p[rows] for m, p in pad.items()}, keep=keep[rows])
+    out["global"] = {m: g[rows] for m, g in glob.items()}
+    total, terms = loss_fn(out)
+    total.backward()
+    return total, terms
+
+
+def worker(rank, world, port, out_path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    module, loss_fn, tokens, pad, glob, keep = build_case()
+    ddp = DistributedDataParallel(module)
+    local = GLOBAL_BATCH // world
+    total, terms = step(ddp, loss_fn, tokens, pad, glob, keep, slice(rank * local, (rank + 1) * local))
+    values = torch.stack([total.detach()] + [terms[k] for k in sorted(terms) if not k.startswith("r1_")])
+    dist.all_reduce(values)
+    values /= world  # loss and logged terms: mean over ranks = the global-batch value
+    if rank == 0:
+        names = ["total"] + [k for k in sorted(terms) if not k.startswith("r1_")]
+        torch.save({"values": dict(zip(names, values)),
+                    "grads": {n: p.grad.clone() for n, p in module.named_parameters()}}, out_path)
+    dist.destroy_process_group()

@@ -1,0 +1,171 @@
+import socket
+
+import open_clip
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import ddp_loss_worker
+from loss_stage2 import (Stage2Loss, complementary_terms, contrastive_loss, masked_mean, prefix_curve,
+                         recall_at_k, text_threshold_accuracy)
+
+
+def _out(B=6, K=4, E=8, seed=0, keep=None):
+    g = torch.Generator().manual_seed(seed)
+    regs = {m: torch.randn(B, K, E, generator=g, requires_grad=True) for m in ("tactile", "vision", "text")}
+    if keep is None:
+        keep = torch.arange(K)[None, :] < torch.randint(1, K + 1, (B, 1), generator=g)
+    return {"registers": regs, "keep": keep, "logit_scale": torch.tensor(10.0)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_contrastive_loss_equals_open_clip_clip_loss(seed):
+    g = torch.Generator().manual_seed(seed)
+    z_a = F.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    z_b = F.normalize(z_a + torch.randn(16, 32, generator=g) * (seed + 1) * 0.3, dim=-1)
+    scale = torch.tensor(1 / 0.07 * (seed + 1))
+    expected = open_clip.loss.ClipLoss()(z_a, z_b, scale)
+    assert torch.allclose(contrastive_loss(z_a, z_b, scale), expected, atol=1e-6, rtol=0)
+
+
+def test_masked_mean_selects_kept_tokens_only():
+    tokens = torch.randn(3, 4, 5)
+    keep = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    tokens[0, 1:] = float("inf")  # dropped values are selected out, so not even inf leaks in
+    expected = torch.stack([tokens[0, :1].mean(0), tokens[1, :3].mean(0), tokens[2].mean(0)])
+    assert torch.allclose(masked_mean(tokens, keep), expected)
+
+
+def test_dropped_tokens_change_neither_loss_nor_kept_gradients():
+    loss_fn = Stage2Loss(3, complementary_reg_weight=1.0)
+    out = _out(B=8)
+    keep = out["keep"]
+    assert (~keep).any() and keep[:, 3].any()  # both dropped and kept complementary tokens
+    total, terms = loss_fn(out)
+    total.backward()
+    grads = {m: r.grad.clone() for m, r in out["registers"].items()}
+    out2 = {**out, "registers": {}}
+    for m, r in out["registers"].items():
+        changed = torch.where(keep[..., None], r.detach(), 100 * torch.randn_like(r)).requires_grad_()
+        out2["registers"][m] = changed
+    total2, terms2 = loss_fn(out2)
+    total2.backward()
+    assert torch.equal(total, total2)
+    for m, r in out2["registers"].items():
+        assert torch.allclose(r.grad[keep], grads[m][keep], atol=1e-7)
+        assert torch.all(r.grad[~keep] == 0) and torch.all(grads[m][~keep] == 0)
+        assert grads[m][keep].abs().sum(-1).gt(0).all()  # every kept token gets a gradient
+
+
+def _manual_terms(comp, keep, shared):
+    """Reference by explicit loops over kept tokens and kept pairs of different samples."""
+    kept = [(b, j) for b in range(comp.shape[0]) for j in range(comp.shape[1]) if keep[b, j]]
+    if not kept:
+        return 0.0, 0.0
+    l2 = sum(comp[b, j].pow(2).sum() for b, j in kept) / len(kept)
+    div = sum(F.cosine_similarity(comp[b, j], shared[b], dim=0) ** 2 for b, j in kept) / len(kept)
+    pairs = [(p, q) for p in kept for q in kept if p[0] != q[0]]
+    if pairs:
+        div = div + sum(F.cosine_similarity(comp[p], comp[q], dim=0) ** 2 for p, q in pairs) / len(pairs)
+    return l2, div
+
+
+def test_complementary_terms_match_explicit_loops():
+    g = torch.Generator().manual_seed(0)
+    comp, shared = torch.randn(5, 2, 8, generator=g), torch.randn(5, 8, generator=g)
+    keep = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [0, 0]], dtype=torch.bool)
+    l2, div = complementary_terms(comp, keep, shared)
+    ref_l2, ref_div = _manual_terms(comp, keep, shared)
+    assert torch.allclose(l2, ref_l2, atol=1e-6) and torch.allclose(div, ref_div, atol=1e-6)
+    assert div > 0
+
+
+def test_complementary_terms_zero_when_nothing_kept_and_for_orthogonal_tokens():
+    comp = torch.randn(4, 1, 8, requires_grad=True)
+    l2, div = complementary_terms(comp, torch.zeros(4, 1, dtype=torch.bool), torch.randn(4, 8))
+    assert l2.item() == 0.0 and div.item() == 0.0  # exactly 0, not NaN
+    (l2 + div).backward()
+    assert torch.all(comp.grad == 0)
+    # shared embeddings along e0, each sample's complementary token along its own axis: all cosines 0
+    eye = torch.eye(8)
+    shared, comp = eye[0].expand(4, 8), 3 * eye[1:5, None, :]
+    l2, div = complementary_terms(comp, torch.ones(4, 1, dtype=torch.bool), shared)
+    assert div.item() == 0.0 and torch.isclose(l2, torch.tensor(9.0))
+    _, div = complementary_terms(comp + 0.1 * eye[0], torch.ones(4, 1, dtype=torch.bool), shared)
+    assert div > 0
+
+
+def test_complementary_gradients_reach_only_kept_complementary_tokens():
+    loss_fn = Stage2Loss(3, complementary_reg_weight=1.0)
+    out = _out(B=8, seed=3)
+    keep = out["keep"]
+    assert keep[:, 3].any() and (~keep[:, 3]).any()
+    _, terms = loss_fn(out)
+    regs = out["registers"]
+    K_o = 3
+    shared = {m: masked_mean(r[:, :K_o], keep[:, :K_o]) for m, r in regs.items()}
+    reg_only = sum(sum(complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m])) for m, r in regs.items())
+    reg_only.backward()
+    for m, r in regs.items():
+        assert torch.all(r.grad[:, :K_o] == 0)  # the shared embedding is steered by the contrastive loss only
+        assert torch.all(r.grad[:, K_o][~keep[:, K_o]] == 0)
+        assert r.grad[:, K_o][keep[:, K_o]].abs().sum(-1).gt(0).all()
+        assert torch.allclose(terms[f"comp_l2_{m}"] + terms[f"comp_div_{m}"],
+                              sum(complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m])).detach())
+
+
+def test_loss_total_and_term_names():
+    loss_fn = Stage2Loss(3, complementary_reg_weight=0.25)
+    out = _out()
+    total, terms = loss_fn(out)
+    pairs = ["tactile_text", "tactile_vision", "text_vision"]
+    assert set(terms) == ({f"contrastive_{p}" for p in pairs} | {f"r1_{p}" for p in pairs}
+                          | {f"comp_{t}_{m}" for t in ("l2", "div") for m in ("tactile", "text", "vision")}
+                          | {"contrastive", "comp_l2", "comp_div", "recon", "logit_scale", "loss"})
+    contrastive = sum(terms[f"contrastive_{p}"] for p in pairs) / 3
+    comp = sum(terms[f"comp_l2_{m}"] + terms[f"comp_div_{m}"] for m in ("tactile", "text", "vision")) / 3
+    assert torch.allclose(total, contrastive + 0.25 * comp)
+    assert torch.equal(terms["loss"], total.detach()) and terms["recon"] == 0
+    with pytest.raises(ValueError, match="recon_dims"):
+        Stage2Loss(3, complementary_recon_weight=1.0)(out)
+
+
+def test_recall_at_k_and_text_accuracy_and_prefix_curve():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.9, 0.7, 0.3]])
+    # true ranks: 0, 1, 2 -> R@1 = 1/3, R@2 = 2/3
+    r = recall_at_k(sim, ks=(1, 2))
+    assert r[1] == pytest.approx(100 / 3) and r[2] == pytest.approx(200 / 3)
+    assert recall_at_k(torch.ones(4, 4), ks=(1,))[1] == 0.0  # ties count against the query
+    # captions 0 and 1 are identical: retrieving item 0 for query 1 is a text hit
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert text_threshold_accuracy(sim, text) == pytest.approx(200 / 3)
+    # prefix curve: token 0 carries no information (identical), token 1 identifies the sample
+    N = 5
+    reg_a = torch.zeros(N, 3, N + 1)
+    reg_a[:, 0, -1] = 1.0
+    reg_a[:, 1, :N] = torch.eye(N) * 5
+    curve = prefix_curve(reg_a, reg_a.clone(), num_overlapping=2)
+    assert curve == {"a2b": [0.0, 100.0], "b2a": [0.0, 100.0]}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    module, loss_fn, tokens, pad, glob, keep = ddp_loss_worker.build_case()
+    total, terms = ddp_loss_worker.step(module, loss_fn, tokens, pad, glob, keep, slice(None))
+    path = tmp_path / "ddp.pt"
+    mp.spawn(ddp_loss_worker.worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    result = torch.load(path, weights_only=True)
+    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0
+    assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0)
+    for name, value in result["values"].items():
+        if name != "total":
+            assert torch.allclose(value, terms[name], atol=1e-5, rtol=0), name
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.allclose(result["grads"][name], p.grad, atol=1e-5, rtol=0), name

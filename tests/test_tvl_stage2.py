@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+
+from loss_stage2 import Stage2Loss
+from tvl_stage2 import FluxTalk, RegisterModule, nested_dropout_mask
+
+DIMS = {"tactile": 12, "text": 10, "vision": 14}
+
+
+def _module(**kw):
+    torch.manual_seed(0)
+    args = dict(num_tokens=4, num_overlapping=3, width=32, depth=2, num_heads=4)
+    return RegisterModule(DIMS, 16, **{**args, **kw})
+
+
+def _tokens(B=3, N=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(B, N, c, generator=g) for m, c in DIMS.items()}
+
+
+@pytest.mark.parametrize("K,rate", [(4, 0.5), (2, 0.3), (8, 0.8)])
+def test_nested_dropout_is_a_prefix_with_linear_drop_schedule(K, rate):
+    keep = nested_dropout_mask(200_000, K, rate, generator=torch.Generator().manual_seed(K))
+    assert keep.dtype == torch.bool and keep.shape == (200_000, K)
+    assert keep[:, 0].all() and (keep[:, 1:] <= keep[:, :-1]).all()  # every row is a non-empty prefix
+    drop = 1 - keep.float().mean(0)
+    expected = torch.tensor([rate * k / (K - 1) for k in range(K)])
+    assert (drop - expected).abs().max() < 0.005, (drop, expected)
+
+
+def test_nested_dropout_edge_cases():
+    assert nested_dropout_mask(50, 4, 0.0).all()
+    assert nested_dropout_mask(50, 1, 0.9).all()
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            nested_dropout_mask(4, 4, bad)
+    a = nested_dropout_mask(64, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    b = nested_dropout_mask(64, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_keep_mask_drawn_in_train_only_and_shared_by_modalities():
+    module = _module()
+    module.nested_dropout_rate = 0.9
+    tokens = _tokens(B=64)
+    module.eval()
+    assert module(tokens)["keep"].all()
+    module.train()
+    g = torch.Generator().manual_seed(5)
+    out = module(tokens, generator=g)
+    assert torch.equal(out["keep"], nested_dropout_mask(64, 4, 0.9, generator=torch.Generator().manual_seed(5)))
+    assert (~out["keep"]).any()
+    assert set(out["registers"]) == set(DIMS) and all(r.shape == (64, 4, 16) for r in out["registers"].values())
+
+
+def test_register_tokens_are_a_view_never_copied_per_modality():
+    module = _module()
+    seen = []
+    module.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    module(_tokens(B=5))
+    assert len(seen) == len(DIMS)
+    for x in seen:  # every modality's first block reads the parameter's own storage, stride 0 over the batch
+        assert x.shape == (5, 4, 32) and x.stride(0) == 0
+        assert x.data_ptr() == module.register_tokens.data_ptr()
+
+
+def test_causal_prefix_does_not_depend_on_later_register_tokens():
+    module = _module(recon_dims={m: 16 for m in DIMS}).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        ref = module(tokens)
+        for k in range(module.num_tokens - 1):
+            saved = module.register_tokens.detach().clone()
+            module.register_tokens[k + 1:] += torch.randn_like(module.register_tokens[k + 1:])
+            out = module(tokens, keep=torch.arange(4)[None].expand(3, -1) <= k)  # prefix of length k + 1
+            module.register_tokens.copy_(saved)
+            for m in DIMS:
+                assert torch.allclose(out["registers"][m][:, :k + 1], ref["registers"][m][:, :k + 1], atol=1e-6)
+                assert not torch.allclose(out["registers"][m][:, k + 1:], ref["registers"][m][:, k + 1:])
+                # the recon decoder sees the kept prefix only, so it cannot see the perturbation either
+                kept_only = module(tokens, keep=torch.arange(4)[None].expand(3, -1) <= k)["recon"][m]
+                assert torch.allclose(out["recon"][m], kept_only, atol=1e-6)
+
+
+def test_padded_context_positions_do_not_change_outputs():
+    module = _module().eval()
+    tokens = _tokens(N=9)
+    pad = torch.arange(9)[None, :] >= torch.tensor([3, 9, 6])[:, None]  # True = padded
+    with torch.no_grad():
+        ref = module(tokens, {"text": pad})["registers"]["text"]
+        changed = dict(tokens, text=torch.where(pad[..., None], 50 * torch.randn_like(tokens["text"]),
+                                                tokens["text"]))
+        out = module(changed, {"text": pad})["registers"]["text"]
+        unmasked = module(changed)["registers"]["text"]
+        assert torch.allclose(out, ref, atol=1e-6)
+        assert not torch.allclose(unmasked, ref, atol=1e-3)  # without the mask the padding does leak in
+        # a fully padded row (never happens for text) stays finite
+        assert module(tokens, {"text": torch.ones(3, 9, dtype=torch.bool)})["registers"]["text"].isfinite().all()
+
+
+def test_logit_scale_init_and_clamp_and_argument_checks():
+    assert torch.isclose(_module()(_tokens())["logit_scale"], torch.tensor(1 / 0.07))
+    assert torch.isclose(_module(logit_scale_init=math.log(20.0))(_tokens())["logit_scale"], torch.tensor(20.0))
+    assert _module(logit_scale_init=math.log(500.0))(_tokens())["logit_scale"].item() == 100.0
+    with pytest.raises(ValueError, match="num_overlapping"):
+        _module(num_overlapping=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_stage1(tmp_path_factory):
+    import stage1
+    from tools.make_tiny_stage1 import make_tiny_stage1
+    ckpt, clip = make_tiny_stage1(str(tmp_path_factory.mktemp("stage1")))
+    return stage1.build_stage1(ckpt, clip_model="fluxtalk-tiny", clip_pretrained=clip)
+
+
+def test_wrapper_trains_only_the_register_module(tiny_stage1):
+    s1 = tiny_stage1
+    module = RegisterModule(s1.feature_dims, s1.embed_dim, width=32, depth=1, num_heads=4,
+                            logit_scale_init=s1.logit_scale, recon_dims={m: s1.embed_dim for m in s1.feature_dims})
+    model = FluxTalk(s1, module).train()
+    assert model.register_module is module  # not nn.Module.register_module, the method of the same name
+    module.nested_dropout_rate = 0.5
+    g = torch.Generator().manual_seed(0)
+    batch = {"vision": torch.randn(4, 3, 224, 224, generator=g), "tactile": torch.randn(4, 3, 224, 224, generator=g),
+             "text": s1.tokenizer(["rough bark", "smooth glass", "soft foam", "a bumpy rubber mat"])}
+    keep = nested_dropout_mask(4, 4, 0.5, generator=torch.Generator().manual_seed(3))
+    out = model(batch, keep=keep)
+    total, _ = Stage2Loss(3, complementary_reg_weight=1.0, complementary_recon_weight=1.0)(out)
+    total.backward()
+    assert all(not p.requires_grad and p.grad is None for p in s1.parameters())
+    assert not s1.clip.training and not s1.tactile_encoder.training  # encoders stay in eval
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"register_module.{n}" for n, _ in module.named_parameters()}
+    assert all(p.grad is not None for p in module.parameters())
+    assert set(model.trainable_state_dict()) == set(module.state_dict())
+    # precomputed features (the feature cache path) skip Stage 1 and give the same outputs
+    cached = model(s1(batch), keep=keep)
+    for m in s1.feature_dims:
+        assert torch.allclose(cached["registers"][m], out["registers"][m], atol=1e-6)
+        assert torch.equal(cached["global"][m], out["global"][m])
