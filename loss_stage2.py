@@ -69,7 +69,7 @@ def complementary_terms(comp, keep, shared):
     """
     world, rank = _world()
     B, J, _ = comp.shape
-    flat = comp.reshape(B * J, -1)
+    flat = comp.reshape(B * J, comp.shape[-1])
     mask = keep.reshape(B * J)
     all_sample = torch.arange(world * B, device=comp.device).repeat_interleave(J)  # global sample id per token
     sample = all_sample[rank * B * J:(rank + 1) * B * J]
@@ -153,12 +153,13 @@ class Stage2Loss(nn.Module):
             terms[f"r1_{name}"] = torch.tensor(r1, device=sim.device)
         total = terms["contrastive"] = torch.stack(contrastive).mean()
         l2, div = [], []
-        for m, r in registers.items():
-            m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m])
-            terms[f"comp_l2_{m}"], terms[f"comp_div_{m}"] = m_l2.detach(), m_div.detach()
-            l2.append(m_l2)
-            div.append(m_div)
-        l2, div = torch.stack(l2).mean(), torch.stack(div).mean()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.reg_weight > 0):  # logged even at weight 0
+            for m, r in registers.items():
+                m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m])
+                terms[f"comp_l2_{m}"], terms[f"comp_div_{m}"] = m_l2.detach(), m_div.detach()
+                l2.append(m_l2)
+                div.append(m_div)
+            l2, div = torch.stack(l2).mean(), torch.stack(div).mean()
         terms["comp_l2"], terms["comp_div"] = l2.detach(), div.detach()
         if self.reg_weight > 0:
             total = total + self.reg_weight * (l2 + div)

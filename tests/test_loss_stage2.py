@@ -87,6 +87,8 @@ def test_complementary_terms_zero_when_nothing_kept_and_for_orthogonal_tokens():
     assert l2.item() == 0.0 and div.item() == 0.0  # exactly 0, not NaN
     (l2 + div).backward()
     assert torch.all(comp.grad == 0)
+    none = complementary_terms(torch.randn(4, 0, 8), torch.zeros(4, 0, dtype=torch.bool), torch.randn(4, 8))
+    assert [t.item() for t in none] == [0.0, 0.0]  # K == K_o: no complementary tokens at all
     # shared embeddings along e0, each sample's complementary token along its own axis: all cosines 0
     eye = torch.eye(8)
     shared, comp = eye[0].expand(4, 8), 3 * eye[1:5, None, :]
