@@ -1,0 +1,496 @@
+"""TVL data for Stage 2: readers for SSVTP and HCT as users unpack them, the reference preprocessing and
+training augmentation, caption prompts, and tokenisation (layout: shared/TVL_DATA_FORMAT.md).
+
+    ds = build_dataset(args, "train", tokenizer, active_modalities=("vision", "tactile", "text"), seed=0)
+    ds.set_epoch(epoch)   # before each epoch (see "Randomness" below)
+    ds[i] -> {"vision": float (3, 224, 224), "tactile": float (3, 224, 224), "text": long (77,), "index": i}
+
+Only the active modalities are present; `default_collate` turns "index" into a long (B,) tensor.
+
+Splits. `train` and `val` come from train.csv (or the folder listing / contact.json) with TVL's seeded
+split, `train_test_split(items, train_size=0.9, random_state=42)`, applied per subset exactly as Stage 1
+did, so validation never holds Stage 1 training samples; `test` is test.csv. With both subsets active
+the dataset is SSVTP's items followed by HCT's.
+
+Randomness. Every random choice of an item (flips, jitter factors, blur sigma, rotation, caption
+subset, order and synonyms) is drawn from generators seeded by `item_seed(seed, epoch, index, stream)`,
+a splitmix64 mix of the run seed, the epoch (`set_epoch`), the dataset index and the modality stream:
+never from the global RNGs. So the inputs of a run do not depend on the number of DataLoader workers,
+on the world size, on how many samples were drawn before, or on resumption. The DataLoader copies the
+dataset into its workers when an epoch's iterator is created, so call `set_epoch` before iterating and
+do not use `persistent_workers=True` (the workers would keep the old epoch).
+
+Deviations from the TVL reference reader, each on purpose:
+- Missing files and undecodable images are errors naming the file; `--skip_bad_samples` drops them at
+  start-up (count printed) or replaces a sample that fails to decode by the next loadable index (warning
+  printed once per file). SSVTP rows whose RGB file is missing are dropped *before* the split, as the
+  reference silently did, so the split still matches Stage 1.
+- HCT runs are taken in sorted name order (the reference used the filesystem's order); the 200 px crop
+  offset applies to the run named `data3` (the reference matched "data3" anywhere in the path); a crop
+  that would leave the image is shifted back inside it.
+- Caption-less HCT samples (contact.json without a CSV) are left out after the split when text is active.
+- `--use_not_contact` frames (at most 10% of the HCT training samples, captioned `background`) go to the
+  train split only, after the split, so the split does not change with the flag.
+- Tactile images are not background-subtracted (the background path is read and kept on each item).
+- Two adjectives are joined as "a and b" (the reference wrote "a, and b").
+"""
+import csv
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+SUBSETS = ("ssvtp", "hct")
+IMG_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TAC_MEAN = (0.29174602, 0.29713256, 0.29104045)
+TAC_STD = (0.18764469, 0.19467652, 0.21871583)
+CROP_SCALE = 0.18           # vision crop side = ceil(sqrt(2) * CROP_SCALE * max(h, w))
+HCT_DATA3_TOP = 200         # data3's camera looks at the sensor lower in the frame
+SPLIT_TRAIN_SIZE, SPLIT_SEED = 0.9, 42
+NOT_CONTACT_FRAC = 0.1
+DEFAULT_PROMPT = "This image gives tactile feelings of "
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Training augmentation: the TVL reference values (tacvis.py RGB_AUGMENTS / TAC_AUGMENTS).
+VISION_JITTER = dict(p=0.8, brightness=(0.8, 1.1), contrast=(0.7, 1.3), saturation=(0.8, 1.2), hue=(0.0, 0.0))
+VISION_GRAYSCALE_P = 0.2
+VISION_BLUR = dict(p=0.5, kernel=9, sigma=(0.5, 1.0))
+TACTILE_JITTER = dict(p=0.8, brightness=(0.9, 1.1), contrast=(0.9, 1.1), saturation=(0.8, 1.2), hue=(-0.05, 0.05))
+STREAMS = {"vision": 0, "tactile": 1, "text": 2}  # one independent random stream per modality
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message is one line naming the path (and line) and what was expected."""
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--datasets_dir", default=None, help="TVL top folder holding ssvtp/ and hct/")
+    g.add_argument("--datasets", nargs="+", choices=SUBSETS, default=list(SUBSETS))
+    g.add_argument("--no_augment", action="store_true",
+                   help="deterministic training inputs: no image augmentation, all adjectives in order")
+    g.add_argument("--text_prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--no_text_prompt", action="store_true", help="captions are the adjectives alone")
+    g.add_argument("--shuffle_text", action="store_true", help="shuffle the sampled adjectives (training)")
+    g.add_argument("--use_not_contact", action="store_true",
+                   help="mix HCT no-contact frames (<= 10%%, captioned 'background') into training")
+    g.add_argument("--skip_bad_samples", action="store_true",
+                   help="drop missing files at start-up / replace undecodable images, with a count printed")
+    g.add_argument("--num_workers", type=int, default=4)
+    return parser
+
+
+# ----------------------------------------------------------------------------- randomness, split, text
+
+def _splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def item_seed(seed, epoch, index, stream=0):
+    """A 63-bit seed that depends only on (seed, epoch, index, stream); Python's hash() is salted per process."""
+    h = 0
+    for v in (seed, epoch, index, stream):
+        h = _splitmix64(h ^ (int(v) & 0xFFFFFFFFFFFFFFFF))
+    return h >> 1
+
+
+def train_val_split(n, train_size=SPLIT_TRAIN_SIZE, seed=SPLIT_SEED):
+    """(train, val) index arrays equal to sklearn's train_test_split(range(n), train_size, random_state=seed)."""
+    perm = np.random.RandomState(seed).permutation(n)
+    n_train = int(math.floor(train_size * n))
+    n_val = n - n_train
+    return perm[n_val:n_val + n_train], perm[:n_val]
+
+
+def parse_adjectives(raw):
+    """'Smooth, hard ,cold.\\n' -> ['smooth', 'hard', 'cold'] (TVL's label rules)."""
+    words = raw.replace(".", "").replace("\n", "").lower().split(",")
+    return [w.strip() for w in words if w.strip()]
+
+
+def join_adjectives(words):
+    """['a'] -> 'a'; ['a', 'b'] -> 'a and b'; ['a', 'b', 'c'] -> 'a, b, and c'."""
+    if len(words) == 1:
+        return words[0]
+    if len(words) == 2:
+        return f"{words[0]} and {words[1]}"
+    return ", ".join(words[:-1]) + f", and {words[-1]}"
+
+
+def make_caption(adjs, prompt, rng=None, shuffle=False, synonyms=None):
+    """prompt + adjectives + '.'. With rng (training): a uniformly random non-empty subset of the adjectives in
+    their original order (TVL's load_text draws uniformly over all non-empty combinations), then optionally
+    shuffled, then each word optionally replaced by a random choice among itself and its synonyms."""
+    words = list(adjs)
+    if rng is not None:
+        mask = rng.randint(1, 2 ** len(words) - 1)
+        words = [w for b, w in enumerate(words) if mask >> b & 1]
+        if shuffle:
+            rng.shuffle(words)
+        if synonyms:
+            words = [rng.choice(list(dict.fromkeys([w] + synonyms.get(w, [])))) for w in words]
+    return prompt + join_adjectives(words) + "."
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path):
+    """uint8 (3, H, W). Decodes fully here, so a truncated file fails now and names itself."""
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def crop_vision(img, crop_top=None):
+    """Square crop of side ceil(sqrt(2)*0.18*max(h, w)): centred (SSVTP), or from row crop_top, centred
+    horizontally (HCT), shifted back inside the image if it would leave it."""
+    h, w = img.shape[-2:]
+    s = int(math.ceil(math.sqrt(2) * CROP_SCALE * max(h, w)))
+    if crop_top is None:
+        return TF.center_crop(img, [s, s])
+    top = max(0, min(crop_top, h - s))
+    return TF.crop(img, top, (w - s) // 2, s, s)
+
+
+def pad_rotate_tactile(img):
+    """Pad to a square (TVL's tac_padding), then rotate 90 degrees counter-clockwise (= PIL rotate(90))."""
+    h, w = img.shape[-2:]
+    m = max(h, w)
+    img = TF.pad(img, [(m - w) // 2, (m - h) // 2])  # [left/right, top/bottom]
+    return torch.rot90(img, 1, dims=(-2, -1))
+
+
+def _uniform(g, lo, hi):
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+def _coin(g, p):
+    return torch.rand((), generator=g).item() < p
+
+
+def _color_jitter(x, g, cfg):
+    """torchvision ColorJitter with parameters drawn from g (random order of the four ops, as torchvision)."""
+    if not _coin(g, cfg["p"]):
+        return x
+    order = torch.randperm(4, generator=g).tolist()
+    factors = [_uniform(g, *cfg[k]) for k in ("brightness", "contrast", "saturation", "hue")]
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for k in order:
+        if k < 3 or factors[3] != 0.0:
+            x = ops[k](x, factors[k])
+    return x
+
+
+def vision_transform(img, crop_top=None, g=None):
+    """uint8 (3, H, W) -> normalised float (3, 224, 224). With g: hflip, colour jitter, grayscale, blur."""
+    x = TF.to_dtype(crop_vision(img, crop_top), torch.float32, scale=True)
+    if g is not None:
+        if _coin(g, 0.5):
+            x = TF.horizontal_flip(x)
+        x = _color_jitter(x, g, VISION_JITTER)
+        if _coin(g, VISION_GRAYSCALE_P):
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if _coin(g, VISION_BLUR["p"]):
+            sigma = _uniform(g, *VISION_BLUR["sigma"])
+            x = TF.gaussian_blur(x, [VISION_BLUR["kernel"]] * 2, [sigma, sigma])
+    x = TF.resize(x, [IMG_SIZE, IMG_SIZE], antialias=True)
+    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
+
+
+def tactile_transform(img, g=None):
+    """uint8 (3, H, W) -> normalised float (3, 224, 224). With g: h/v flips, colour jitter, 0/90 deg rotation."""
+    x = TF.to_dtype(pad_rotate_tactile(img), torch.float32, scale=True)
+    if g is not None:
+        if _coin(g, 0.5):
+            x = TF.horizontal_flip(x)
+        if _coin(g, 0.5):
+            x = TF.vertical_flip(x)
+        x = _color_jitter(x, g, TACTILE_JITTER)
+        if _coin(g, 0.5):
+            x = torch.rot90(x, 1, dims=(-2, -1))
+    x = TF.resize(x, [IMG_SIZE, IMG_SIZE], antialias=True)
+    return TF.normalize(x, TAC_MEAN, TAC_STD)
+
+
+# ----------------------------------------------------------------------------- readers
+# An item is a dict: id, vision, tactile, background (paths), text (label file or None), adjs (list or None),
+# crop_top (None = centre crop), src (where it was listed, for messages).
+
+def read_csv_rows(path, ncols=None):
+    """[(line, [cells])], blank rows skipped; every row must have ncols cells (default: the first row's)."""
+    out = []
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        for row in reader:
+            if not any(c.strip() for c in row):
+                continue
+            ncols = ncols or len(row)
+            if len(row) != ncols:
+                raise DataError(f"{path} line {reader.line_num}: {len(row)} columns, expected {ncols}")
+            out.append((reader.line_num, [c.strip() for c in row]))
+    return out
+
+
+def _is_ssvtp_header(root, cell):
+    return not cell.lower().endswith(IMAGE_EXTS) and not os.path.isfile(os.path.join(root, cell))
+
+
+def _split(items, split):
+    if split == "test":
+        return items
+    train, val = train_val_split(len(items))
+    return [items[i] for i in (train if split == "train" else val)]
+
+
+def read_ssvtp(root, split, skip_bad=False):
+    """SSVTP items of a split. RGB rows whose file is missing are dropped before the split (the reference
+    did so silently, and Stage 1's split was made without them) -- here only with skip_bad, and counted."""
+    csv_path = os.path.join(root, "test.csv" if split == "test" else "train.csv")
+    if os.path.isfile(csv_path):
+        rows = read_csv_rows(csv_path)
+        if rows and _is_ssvtp_header(root, rows[0][1][0]):
+            rows = rows[1:]
+        rels, missing = [], 0
+        for line, cells in rows:
+            if os.path.isfile(os.path.join(root, cells[0])):
+                rels.append((cells[0], f"{csv_path} line {line}"))
+            elif skip_bad:
+                missing += 1
+            else:
+                raise DataError(f"{os.path.join(root, cells[0])}: listed in {csv_path} line {line}, file does not exist")
+        if missing:
+            print(f"data: skipped {missing} rows of {csv_path} whose RGB image does not exist")
+    elif split == "test":
+        raise DataError(f"{csv_path}: missing (expected the SSVTP test list, one RGB path per row)")
+    else:
+        rgb_dir = os.path.join(root, "images_rgb")
+        if not os.path.isdir(rgb_dir):
+            raise DataError(f"{root}: no train.csv and no images_rgb/ (expected the SSVTP layout)")
+        rels = [(f"images_rgb/{f}", rgb_dir) for f in sorted(os.listdir(rgb_dir)) if f.lower().endswith(IMAGE_EXTS)]
+    if not rels:
+        raise DataError(f"{root}: no samples (expected rows in train.csv/test.csv or images in images_rgb/)")
+    items = []
+    for rel, src in _split(rels, split):
+        stem = os.path.splitext(os.path.basename(rel))[0]  # image_<id>_rgb
+        label_id = stem[len("image_"):-len("_rgb")] if stem.startswith("image_") and stem.endswith("_rgb") else None
+        items.append(dict(id=f"ssvtp/{rel}", vision=os.path.join(root, rel),
+                          tactile=os.path.join(root, rel.replace("rgb", "tac")), background=None,
+                          text=os.path.join(root, "text", f"labels_{label_id}.txt") if label_id else "",
+                          adjs=None, crop_top=None, src=src))
+    return items
+
+
+def _read_json_lists(path):
+    try:
+        with open(path) as fh:
+            d = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("vision", "tactile", "background")) \
+            or len({len(d[k]) for k in ("vision", "tactile", "background")}) != 1:
+        raise DataError(f"{path}: expected {{'vision': [...], 'tactile': [...], 'background': [...]}} of equal length")
+    return list(zip(d["vision"], d["tactile"], d["background"]))
+
+
+def _hct_item(run_dir, run, vis, tac, bg, adjs, src):
+    return dict(id=f"hct/{run}/{vis}", vision=os.path.join(run_dir, vis), tactile=os.path.join(run_dir, tac),
+                background=os.path.join(run_dir, bg), text=None, adjs=adjs, src=src,
+                crop_top=HCT_DATA3_TOP if run == "data3" else 0)
+
+
+def read_hct(root, split, use_not_contact=False, seed=0):
+    """HCT items of a split: runs (sub-folders with contact.json) in sorted order, rows of train.csv/test.csv
+    (or contact.json, caption-less, for train/val), split over the concatenation of all runs."""
+    runs = sorted(r for r in os.listdir(root) if os.path.isfile(os.path.join(root, r, "contact.json")))
+    if not runs:
+        raise DataError(f"{root}: no run folders (expected sub-folders like data1/ holding contact.json)")
+    items = []
+    for run in runs:
+        run_dir = os.path.join(root, run)
+        csv_path = os.path.join(run_dir, "test.csv" if split == "test" else "train.csv")
+        if os.path.isfile(csv_path):
+            for line, (vis, tac, bg, cap) in read_csv_rows(csv_path, ncols=4)[1:]:  # first row: the header
+                items.append(_hct_item(run_dir, run, vis, tac, bg, parse_adjectives(cap) or None,
+                                       f"{csv_path} line {line}"))
+        elif split == "test":
+            print(f"data: {run_dir} has no test.csv; none of its frames are in the test split")
+        else:
+            src = os.path.join(run_dir, "contact.json")
+            items += [_hct_item(run_dir, run, *frame, None, src) for frame in _read_json_lists(src)]
+    if not items:
+        raise DataError(f"{root}: no {split} samples (expected rows in <run>/{'test' if split == 'test' else 'train'}.csv)")
+    items = _split(items, split)
+    if use_not_contact and split == "train":
+        items += read_not_contact(root, runs, max_count=int(NOT_CONTACT_FRAC * len(items)), seed=seed)
+    return items
+
+
+def read_not_contact(root, runs, max_count, seed):
+    """At most max_count no-contact frames from the runs' not_contact.json, a seeded choice, captioned 'background'."""
+    frames = []
+    for run in runs:
+        path = os.path.join(root, run, "not_contact.json")
+        if os.path.isfile(path):
+            frames += [_hct_item(os.path.join(root, run), run, *f, ["background"], path) for f in _read_json_lists(path)]
+    if not frames:
+        raise DataError(f"{root}: --use_not_contact given but no run holds not_contact.json")
+    if len(frames) > max_count:
+        keep = np.random.RandomState(seed).choice(len(frames), max_count, replace=False)
+        frames = [frames[i] for i in sorted(keep)]
+    print(f"data: added {len(frames)} HCT no-contact frames (captioned 'background') to the train split")
+    return frames
+
+
+def _check_files(items, active, skip_bad):
+    """Every file the active modalities need must exist: error naming it, or (skip_bad) drop with a count."""
+    keys = [k for k in ("vision", "tactile", "text") if k in active]
+    kept = []
+    for it in items:  # it["text"]: SSVTP label path ("" when the RGB name has no id), None for HCT (CSV caption)
+        bad = next((it[k] or f"label file of {it['vision']} (expected an RGB name image_<id>_rgb.<ext>)"
+                    for k in keys if it[k] is not None and not os.path.isfile(it[k])), None)
+        if bad is None:
+            kept.append(it)
+        elif not skip_bad:
+            raise DataError(f"{bad}: listed in {it['src']}, file does not exist")
+    if len(kept) < len(items):
+        print(f"data: dropped {len(items) - len(kept)} samples with missing files (--skip_bad_samples)")
+    return kept
+
+
+def _read_labels(items, skip_bad):
+    """SSVTP captions: the first line of each label file."""
+    kept = []
+    for it in items:
+        if it["text"]:
+            with open(it["text"]) as fh:
+                it["adjs"] = parse_adjectives(fh.readline()) or None
+            if it["adjs"] is None and not skip_bad:
+                raise DataError(f"{it['text']}: no adjectives on the first line (expected e.g. 'smooth, hard.')")
+        if it["adjs"] is not None or not skip_bad:
+            kept.append(it)
+    if len(kept) < len(items):
+        print(f"data: dropped {len(items) - len(kept)} SSVTP samples with empty label files (--skip_bad_samples)")
+    return kept
+
+
+def _load_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class TVLDataset(Dataset):
+    """items -> {modality: tensor, "index": int}. Attributes: sample_ids (stable string per item), captions
+    (evaluation caption per item, None where an item has none; None when text is not active), factors
+    (per-item dict from the subsets' factors.json side files, or None)."""
+
+    def __init__(self, items, tokenizer, active_modalities, seed, augment, prompt=DEFAULT_PROMPT,
+                 shuffle_text=False, synonyms=None, skip_bad_samples=False, factors=None):
+        self.items = items
+        self.tokenizer = tokenizer
+        self.active = tuple(active_modalities)
+        self.seed, self.epoch, self.augment = seed, 0, augment
+        self.prompt, self.shuffle_text = prompt, shuffle_text
+        self.synonyms = synonyms or {}  # {subset: {word: [synonyms]}}
+        self.skip_bad_samples = skip_bad_samples
+        self.sample_ids = [it["id"] for it in items]
+        self.captions = None
+        if "text" in self.active:
+            self.captions = [make_caption(it["adjs"], prompt) if it["adjs"] else None for it in items]
+        self.factors = factors
+        self._warned = set()
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        if not self.skip_bad_samples:
+            return self._load(index)
+        for k in range(len(self)):  # replace an undecodable sample by the next loadable one, deterministically
+            j = (index + k) % len(self)
+            try:
+                return self._load(j)
+            except DataError as e:
+                if str(e) not in self._warned:
+                    self._warned.add(str(e))
+                    print(f"data: WARNING {e}; sample {j} replaced by the next loadable one (--skip_bad_samples)")
+        raise DataError(f"no sample of {len(self)} could be loaded")
+
+    def _gen(self, index, modality):
+        s = item_seed(self.seed, self.epoch, index, STREAMS[modality])
+        return torch.Generator().manual_seed(s) if self.augment else None
+
+    def _load(self, index):
+        """The item with data from sample `index` ("index" says which sample the tensors came from)."""
+        it = self.items[index]
+        out = {}
+        if "vision" in self.active:
+            out["vision"] = vision_transform(load_image(it["vision"]), it["crop_top"], self._gen(index, "vision"))
+        if "tactile" in self.active:
+            out["tactile"] = tactile_transform(load_image(it["tactile"]), self._gen(index, "tactile"))
+        if "text" in self.active:
+            if self.augment:
+                rng = random.Random(item_seed(self.seed, self.epoch, index, STREAMS["text"]))
+                syn = self.synonyms.get(it["id"].split("/")[0])
+                text = make_caption(it["adjs"], self.prompt, rng, self.shuffle_text, syn)
+            else:
+                text = self.captions[index]
+            out["text"] = self.tokenizer([text])[0]
+        out["index"] = index
+        return out
+
+
+def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None):
+    """The TVLDataset of `split` ("train" | "val" | "test") over args.datasets under args.datasets_dir.
+    augment=None: the train split augments unless args.no_augment; val/test never do. Raises DataError."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    root = args.datasets_dir
+    if not root or not os.path.isdir(root):
+        raise DataError(f"--datasets_dir {root}: no such directory (expected the TVL folder holding ssvtp/ and hct/)")
+    augment = (split == "train" and not args.no_augment) if augment is None else augment
+    items, synonyms, factor_table = [], {}, {}
+    for subset in (s for s in SUBSETS if s in args.datasets):
+        sub = os.path.join(root, subset)
+        if not os.path.isdir(sub):
+            raise DataError(f"{sub}: missing (expected the {subset.upper()} subset of TVL, see TVL_DATA_FORMAT.md)")
+        if subset == "ssvtp":
+            part = read_ssvtp(sub, split, args.skip_bad_samples)
+        else:
+            part = read_hct(sub, split, args.use_not_contact, seed)
+        part = _check_files(part, active_modalities, args.skip_bad_samples)
+        if "text" in active_modalities:
+            part = _read_labels(part, args.skip_bad_samples)
+            n = len(part)
+            part = [it for it in part if it["adjs"] is not None]
+            if len(part) < n:
+                print(f"data: left out {n - len(part)} caption-less {subset} samples of {split} (text is active)")
+        if not part:
+            raise DataError(f"{sub}: no usable {split} samples")
+        items += part
+        synonyms[subset] = _load_json(os.path.join(sub, "synonyms.json"))
+        factor_table.update((_load_json(os.path.join(sub, "factors.json")) or {}).get("samples", {}))
+    print(f"data: {split}: {len(items)} samples from {', '.join(args.datasets)} (augment={augment})")
+    prompt = "" if args.no_text_prompt else args.text_prompt
+    factors = [factor_table.get(it["id"]) for it in items] if factor_table else None
+    return TVLDataset(items, tokenizer, active_modalities, seed, augment, prompt, args.shuffle_text,
+                      {k: v for k, v in synonyms.items() if v}, args.skip_bad_samples, factors)
