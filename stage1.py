@@ -116,8 +116,8 @@ def create_clip(clip_model, clip_pretrained):
     except Exception as e:
         if pretrained in tags:
             raise Stage1Error(f"--clip_pretrained {pretrained}: downloading the {clip_model} weights failed "
-                              f"(offline machine?): {_first_line(e)}; download them elsewhere and pass the "
-                              f"file, e.g. --clip_pretrained /path/to/open_clip_pytorch_model.bin") from None
+                              f"(offline machine?); download them elsewhere and pass the local file, e.g. "
+                              f"--clip_pretrained /path/to/open_clip_pytorch_model.bin (cause: {_first_line(e)})") from None
         raise Stage1Error(f"--clip_pretrained {pretrained}: cannot load it into {clip_model}: {_first_line(e)}") from None
 
 
@@ -173,7 +173,7 @@ def state_fingerprint(named_tensors):
     for name in sorted(named_tensors):
         t = named_tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy
     return h.hexdigest()
 
 
