@@ -90,8 +90,8 @@ def complementary_terms(comp, keep, shared):
     return l2, div_shared + div_cross
 
 
-def recall_at_k(sim, ks=(1, 5)):
-    """sim (Nq, Ng), ground truth of query i is gallery i -> {k: Recall@k in %}.
+def true_rank(sim):
+    """sim (Nq, Ng), ground truth of query i is gallery i -> (Nq,) rank of the true item (0 = top), on device.
 
     Ties count against the query (rank = gallery items scoring >= the true one), so a collapsed model
     with all-equal scores gets 0, not 100.
@@ -99,7 +99,12 @@ def recall_at_k(sim, ks=(1, 5)):
     truth = sim.diagonal()[:, None]  # (Nq, 1)
     others = torch.ones_like(sim, dtype=torch.bool)
     others.fill_diagonal_(False)
-    rank = ((sim >= truth) & others).sum(dim=1)  # (Nq,)
+    return ((sim >= truth) & others).sum(dim=1)
+
+
+def recall_at_k(sim, ks=(1, 5)):
+    """sim (Nq, Ng), ground truth of query i is gallery i -> {k: Recall@k in %} (ties count against)."""
+    rank = true_rank(sim)
     return {k: 100.0 * (rank < k).float().mean().item() for k in ks}
 
 
@@ -147,10 +152,10 @@ class Stage2Loss(nn.Module):
             loss = contrastive_loss(z[a], z[b], scale)
             contrastive.append(loss)
             terms[f"contrastive_{name}"] = loss.detach()
-            with torch.no_grad():
+            with torch.no_grad():  # stays on the device: no host sync per step
                 sim = z[a] @ z[b].T
-                r1 = (recall_at_k(sim, (1,))[1] + recall_at_k(sim.T, (1,))[1]) / 2
-            terms[f"r1_{name}"] = torch.tensor(r1, device=sim.device)
+                hits = torch.cat([true_rank(sim) == 0, true_rank(sim.T) == 0])
+            terms[f"r1_{name}"] = 100.0 * hits.float().mean()
         total = terms["contrastive"] = torch.stack(contrastive).mean()
         l2, div = [], []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.reg_weight > 0):  # logged even at weight 0
