@@ -469,7 +469,8 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None)
         raise DataError(f"--datasets_dir {root}: no such directory (expected the TVL folder holding ssvtp/ and hct/)")
     augment = (split == "train" and not args.no_augment) if augment is None else augment
     items, synonyms, factor_table = [], {}, {}
-    for subset in (s for s in SUBSETS if s in args.datasets):
+    subsets = [s for s in SUBSETS if s in args.datasets]  # always SSVTP first: item indices do not depend on flag order
+    for subset in subsets:
         sub = os.path.join(root, subset)
         if not os.path.isdir(sub):
             raise DataError(f"{sub}: missing (expected the {subset.upper()} subset of TVL, see TVL_DATA_FORMAT.md)")
@@ -489,7 +490,7 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None)
         items += part
         synonyms[subset] = _load_json(os.path.join(sub, "synonyms.json"))
         factor_table.update((_load_json(os.path.join(sub, "factors.json")) or {}).get("samples", {}))
-    print(f"data: {split}: {len(items)} samples from {', '.join(args.datasets)} (augment={augment})")
+    print(f"data: {split}: {len(items)} samples from {', '.join(subsets)} (augment={augment})")
     prompt = "" if args.no_text_prompt else args.text_prompt
     factors = [factor_table.get(it["id"]) for it in items] if factor_table else None
     return TVLDataset(items, tokenizer, active_modalities, seed, augment, prompt, args.shuffle_text,

@@ -106,8 +106,8 @@ def sample_factors(rng):
     return {
         "material": int(rng.integers(len(MATERIALS))),
         "texture": float(rng.uniform()),
-        "vision_bg": [float(v) for v in rng.uniform(0.3, 0.7, 3)],
-        "vision_light": float(rng.uniform(0.8, 1.2)),
+        "vision_bg": [float(v) for v in rng.uniform(0.35, 0.65, 3)],
+        "vision_light": float(rng.uniform(0.9, 1.1)),
         "tactile_offset": [float(v) for v in rng.uniform(0, 20, 2)],
         "tactile_tint": [float(v) for v in rng.uniform(-0.06, 0.06, 3)],
     }
