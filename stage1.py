@@ -92,6 +92,8 @@ def load_stage1_checkpoint(path):
     if not any(k.startswith("tactile_encoder.") for k in state):
         raise Stage1Error(f"--stage1_checkpoint {path}: 'model' has no 'tactile_encoder.*' weights")
     args = ckpt.get("args")
+    if isinstance(args, dict):  # some re-saved files turn the Namespace into a plain dict
+        args = argparse.Namespace(**args)
     return state, args if isinstance(args, argparse.Namespace) else None
 
 

@@ -15,7 +15,6 @@ import timm
 import torch
 import torch.nn as nn
 
-import stage1
 from stage1 import Stage1Error, build_stage1
 from tools.make_tiny_stage1 import make_tiny_stage1
 
@@ -25,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def save_tvl_checkpoint(path, tactile, args, logit_scale=math.log(1 / 0.07), extra=None):
     """What TVL's main_pretrain writes: the TVL state dict minus every clip.* key, plus training state."""
     opt = torch.optim.AdamW(tactile.parameters(), lr=1e-4)  # a real optimizer state, as in TVL files
-    tactile(torch.randn(1, 3, *tactile.patch_embed.img_size)).sum().backward()
+    for p in tactile.parameters():
+        p.grad = torch.full_like(p, 1e-3)
     opt.step()
     opt.zero_grad()
     model = {f"tactile_encoder.{k}": v.clone() for k, v in tactile.state_dict().items()}
@@ -91,32 +91,32 @@ def test_tactile_model_defaults_to_checkpoint_args_and_mismatch_names_keys(tiny,
 def test_local_openclip_weights_file_tokens_equal_openclip_outputs(tmp_path):
     # A standard OpenCLIP config, randomly initialised and saved to disk, given as --clip_pretrained <path>.
     torch.manual_seed(0)
-    ref = open_clip.create_model("ViT-B-32", pretrained=None).eval()
-    clip_path = str(tmp_path / "vit_b32.pt")
+    ref = open_clip.create_model("ViT-S-32", pretrained=None).eval()
+    clip_path = str(tmp_path / "vit_s32.pt")
     torch.save(ref.state_dict(), clip_path)
     # Frozen like Stage 1: with no parameter requiring grad torch's attention may take its fused fast path,
     # which rounds differently (~1e-6), so compare the same frozen model.
     ref.requires_grad_(False)
     tactile = tvl_tactile("vit_tiny_patch16_224", num_classes=ref.transformer.width)
     ckpt = str(save_tvl_checkpoint(tmp_path / "tvl.pth", tactile, argparse.Namespace(tactile_model="vit_tiny_patch16_224")))
-    s1 = build_stage1(ckpt, "ViT-B-32", clip_path)
+    s1 = build_stage1(ckpt, "ViT-S-32", clip_path)
 
     captured = {}
     ref.visual.ln_post.register_forward_hook(lambda m, i, o: captured.__setitem__("vision", o))
     ref.ln_final.register_forward_hook(lambda m, i, o: captured.__setitem__("text", o))
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    tokenizer = open_clip.get_tokenizer("ViT-S-32")
     image = torch.randn(2, 3, 224, 224)
     text = tokenizer(["a smooth cold metal surface", "rough"])
     with torch.no_grad():
         ref_image, ref_text = ref.encode_image(image), ref.encode_text(text)
     out = s1({"vision": image, "text": text})
 
-    assert out["tokens"]["vision"].shape == (2, 50, 768) and out["tokens"]["text"].shape == (2, 77, 512)
+    assert out["tokens"]["vision"].shape == (2, 50, 384) and out["tokens"]["text"].shape == (2, 77, 384)
     torch.testing.assert_close(out["tokens"]["vision"], captured["vision"], rtol=0, atol=0)
     torch.testing.assert_close(out["tokens"]["text"], captured["text"], rtol=0, atol=0)
     torch.testing.assert_close(out["global"]["vision"], ref_image, rtol=0, atol=0)
     torch.testing.assert_close(out["global"]["text"], ref_text, rtol=0, atol=0)
-    assert s1.feature_dims == {"vision": 768, "tactile": 192, "text": 512} and s1.embed_dim == 512
+    assert s1.feature_dims == {"vision": 384, "tactile": 192, "text": 384} and s1.embed_dim == 384
 
 
 def test_text_padding_mask_is_after_end_of_text(tiny_stage1):
