@@ -1,0 +1,268 @@
+"""train_one_epoch and evaluate (in the style of MAE's engine_pretrain.py).
+
+Host syncs: the training loop keeps running sums of every logged value on the device and reads them back only every
+`--print_freq` steps (and at checkpoints), so a GPU step is never stalled by logging. The one per-step host-side
+exchange is the preemption flag (`util.dist.any_rank`, a gloo message that does not wait for the GPU).
+"""
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import util.dist as dist
+from loss_stage2 import prefix_curve, recall_at_k, text_threshold_accuracy
+from util.lr_sched import adjust_learning_rate, nested_dropout_rate_at
+from util.misc import modality_pairs, pair_name
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def step_seed(seed, micro_step, rank):
+    """Seed of the nested-dropout draw of one micro-step on one rank: a pure function, so a resumed run redraws
+    exactly what the uninterrupted run drew (no generator state to carry)."""
+    return (seed * 1_000_003 + micro_step * 8_191 + rank) % (2**63 - 1)
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch, device):
+    """Moves a (possibly nested) batch dict of tensors to `device` without blocking the host."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def max_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_step, steps_per_epoch, args,
+                    state, writer=None, save_fn=None, stop_requested=lambda: False):
+    """Trains one epoch from batch `start_step` (non-zero when resuming mid-epoch; `loader` already skips those).
+
+    state: {"global_step": optimizer steps so far} (updated in place).
+    save_fn(epoch, next_step): writes the step-level checkpoint; called every `--save_every_steps` optimizer steps.
+    Returns (averages of the logged terms over the epoch, "done" | "stopped").
+    """
+    model.train()
+    device = args.device_obj
+    rank = dist.get_rank()
+    register_module = model.register_module
+    params = [p for p in register_module.parameters() if p.requires_grad]
+    gen = torch.Generator(device=device)  # nested dropout draws, reseeded from (seed, step, rank) each micro-step
+    sums, n_sums = {}, 0
+    epoch_sums, n_epoch = {}, 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    grad_norm = torch.zeros((), device=device)
+    t_window, wait_window, samples_window = time.perf_counter(), 0.0, 0
+
+    # A live bar on a terminal; in a log file (SLURM, CI) one plain line every --print_freq steps instead.
+    interactive = dist.is_main() and sys.stdout.isatty()
+    bar = tqdm(total=steps_per_epoch, initial=start_step, disable=not interactive, dynamic_ncols=True,
+               desc=f"epoch {epoch}", file=sys.stdout, mininterval=1.0)
+    t_wait = time.perf_counter()
+    for i, batch in enumerate(loader, start=start_step):
+        wait_window += time.perf_counter() - t_wait
+        micro_step = epoch * steps_per_epoch + i
+        epoch_f = epoch + i / steps_per_epoch
+        boundary = (i + 1) % args.accum_iter == 0 or i + 1 == steps_per_epoch
+        if i % args.accum_iter == 0:
+            lr = adjust_learning_rate(optimizer, epoch_f, args)
+            register_module_unwrapped(model).nested_dropout_rate = nested_dropout_rate_at(
+                epoch_f, args.nested_dropout_rate, args.nested_dropout_ramp_epochs)
+
+        batch = to_device(batch, device)
+        gen.manual_seed(step_seed(args.seed, micro_step, rank))
+        sync = nullcontext() if boundary or not hasattr(register_module, "no_sync") else register_module.no_sync()
+        with sync:
+            with autocast(device, args.precision):
+                out = model(batch, generator=gen)
+                loss, terms = criterion(out)
+            scaler.scale(loss / args.accum_iter).backward()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), micro_step, first_bad)
+
+        if boundary:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+
+        terms = dict(terms, grad_norm=grad_norm.detach().float())
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        n_sums += 1
+        samples_window += batch["index"].shape[0] * dist.get_world_size()
+        bar.update(1)
+
+        last = i + 1 == steps_per_epoch
+        if (i + 1) % args.print_freq == 0 or last:
+            check_finite(first_bad)
+            means = host_means(sums, n_sums)
+            elapsed = time.perf_counter() - t_window
+            means.update(lr=lr, samples_per_s=samples_window / elapsed, data_wait_frac=wait_window / elapsed,
+                         max_mem_mb=max_memory_mb(device), nested_dropout_rate=
+                         register_module_unwrapped(model).nested_dropout_rate)
+            if writer is not None:
+                for k, v in means.items():
+                    writer.add_scalar(f"train/{k}", v, state["global_step"])
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
+            if dist.is_main() and not interactive:
+                print(f"epoch {epoch} [{i + 1}/{steps_per_epoch}] loss {means['loss']:.4f} lr {lr:.2e} "
+                      f"{means['samples_per_s']:.1f} samples/s data wait {100 * means['data_wait_frac']:.0f}%",
+                      flush=True)
+            for k, v in sums.items():
+                epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+            n_epoch += n_sums
+            sums, n_sums = {}, 0
+            t_window, wait_window, samples_window = time.perf_counter(), 0.0, 0
+
+        if boundary and not last:
+            if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
+                check_finite(first_bad)
+                save_fn(epoch, i + 1)
+            if dist.any_rank(stop_requested()):
+                check_finite(first_bad)
+                save_fn(epoch, i + 1)
+                bar.close()
+                return host_means(epoch_sums, n_epoch), "stopped"
+        t_wait = time.perf_counter()
+    bar.close()
+    return host_means(epoch_sums, n_epoch), "done"
+
+
+def register_module_unwrapped(model):
+    m = model.register_module
+    return m.module if hasattr(m, "module") else m
+
+
+def host_means(sums, n):
+    """Means over steps and ranks of the running sums, with one collective and one device->host copy.
+
+    Averaging over ranks matters: each rank's loss terms are its share of the global-batch value (see loss_stage2).
+    """
+    if not sums:
+        return {}
+    keys = list(sums)
+    values = dist.reduce_mean(torch.stack([torch.as_tensor(sums[k]).float() for k in keys])).cpu().tolist()
+    return {k: v / n for k, v in zip(keys, values)}
+
+
+def check_finite(first_bad):
+    """Stops every rank together at the first non-finite loss, before anything is saved."""
+    bad = int(first_bad.item())
+    if dist.any_rank(bad >= 0):
+        raise NonFiniteLoss(f"non-finite loss at micro-step {bad} (rank-local; -1 = on another rank); stopping "
+                            f"all ranks, the last checkpoint written before it is kept")
+
+
+@torch.no_grad()
+def compute_embeddings(model, loader, args):
+    """Runs the model over a whole split. Returns (registers {m: (N, K, E)}, text global (N, E) | None, index (N,)),
+    gathered from every rank, with the duplicates that DistributedSampler pads in removed, sorted by index."""
+    model.eval()
+    device = args.device_obj
+    regs, text_global, index = {}, [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, args.precision):
+            out = model(batch)
+        for m, r in out["registers"].items():
+            regs.setdefault(m, []).append(r.float())
+        if "text" in out["global"]:
+            text_global.append(out["global"]["text"].float())
+        index.append(batch["index"])
+    index = dist.all_gather_cat(torch.cat(index))
+    order = unique_first(index)
+    regs = {m: dist.all_gather_cat(torch.cat(r))[order].cpu() for m, r in regs.items()}
+    text_global = dist.all_gather_cat(torch.cat(text_global))[order].cpu() if text_global else None
+    return regs, text_global, index[order].cpu()
+
+
+def unique_first(index):
+    """Positions of the first occurrence of each distinct index, in increasing index order."""
+    index = index.cpu()
+    order = torch.argsort(index, stable=True)
+    keep = torch.ones_like(order, dtype=torch.bool)
+    keep[1:] = index[order][1:] != index[order][:-1]
+    return order[keep]
+
+
+def evaluate(model, loader, args):
+    """Cross-modal retrieval over the whole split (DESIGN.md, Evaluation).
+
+    Returns (metrics {name: float, percent}, artifacts {"sim": {pair: (N, N)}, "prefix": {pair: [r1_k]}}).
+    metrics holds, per pair a_b and direction q->g: val_<a>_<b>_<q>2<g>_r1 / _r5 / _text_acc, the pair's mean
+    val_<a>_<b>_r1, the prefix curve val_<a>_<b>_prefix<k>_r1, and val_mean_r1 (mean Recall@1 over pairs and
+    directions, which selects the best checkpoint).
+    """
+    regs, text_global, _ = compute_embeddings(model, loader, args)
+    k_o = args.num_overlapping_tokens
+    z = {m: F.normalize(r[:, :k_o].mean(dim=1), dim=-1) for m, r in regs.items()}  # eval keeps every token
+    metrics, sims, prefixes = {}, {}, {}
+    r1_all = []
+    for a, b in modality_pairs(regs):
+        name = pair_name(a, b)
+        sim = z[a] @ z[b].T  # (N, N): row i = query a_i, column j = gallery b_j; ground truth on the diagonal
+        sims[name] = sim
+        pair_r1 = []
+        for q, g, s in ((a, b, sim), (b, a, sim.T)):
+            tag = f"val_{name}_{q[:1]}2{g[:1]}"
+            rec = recall_at_k(s, ks=(1, 5))
+            metrics[f"{tag}_r1"], metrics[f"{tag}_r5"] = rec[1], rec[5]
+            if text_global is not None:
+                metrics[f"{tag}_text_acc"] = text_threshold_accuracy(s, text_global, args.text_threshold)
+            pair_r1.append(rec[1])
+        metrics[f"val_{name}_r1"] = sum(pair_r1) / 2
+        r1_all += pair_r1
+        curves = prefix_curve(regs[a], regs[b], k_o)  # {"a2b": [R@1 at k = 1..K_o], "b2a": [...]}
+        prefixes[name] = [(x + y) / 2 for x, y in zip(curves["a2b"], curves["b2a"])]
+        for k, v in enumerate(prefixes[name], start=1):
+            metrics[f"val_{name}_prefix{k}_r1"] = v
+    metrics["val_mean_r1"] = sum(r1_all) / len(r1_all)
+    metrics["val_num_samples"] = float(len(next(iter(regs.values()))))
+    return metrics, {"sim": sims, "prefix": prefixes}
+
+
+def log_eval(writer, metrics, artifacts, step):
+    """Scalars, the prefix curve as a plot, and an affinity-matrix image per pair (rank 0 only)."""
+    if writer is None:
+        return
+    for k, v in metrics.items():
+        writer.add_scalar(k.replace("val_", "val/", 1), v, step)
+    for name, sim in artifacts["sim"].items():
+        n = min(sim.shape[0], 256)  # the top-left block is enough to see the diagonal
+        s = sim[:n, :n]
+        s = (s - s.min()) / (s.max() - s.min() + 1e-8)
+        writer.add_image(f"affinity/{name}", s.unsqueeze(0), step)
+    writer.add_figure("val/prefix_curve", prefix_figure(artifacts["prefix"]), step)
+
+
+def prefix_figure(prefixes):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for name, curve in prefixes.items():
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    ax.set_xlabel("overlapping tokens kept (prefix k)")
+    ax.set_ylabel("Recall@1 (%)")
+    ax.set_xticks(range(1, len(next(iter(prefixes.values()))) + 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,496 @@
+"""FluxTalk Stage 2 training: register tokens on top of frozen TVL Stage 1 encoders.
+
+    torchrun --nproc_per_node=1 main_train_stage2.py --stage1_checkpoint tvl_enc_vittiny.pth \
+        --batch_size 64 --epochs 100 --num_register_tokens 4 --num_overlapping_tokens 3 \
+        --nested_dropout_rate 0.5 --complementary_reg_weight 0.01 --output_dir ./output_dir/flux_talk_variant \
+        --datasets_dir /data/tvl --datasets ssvtp hct
+
+    python main_train_stage2.py --demo        # synthetic TVL data + a tiny Stage 1, CPU, about a minute
+
+Exit codes: 0 done, 2 bad input (one line on stderr naming the flag/file/key), 75 stopped by SIGTERM/SIGUSR1
+after writing checkpoint.pth (resume with --resume auto), 1 anything else.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+import util.dist as dist
+from data_stage2 import DataError, add_data_args, build_dataset
+from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
+from loss_stage2 import Stage2Loss
+from stage1 import Stage1Error, add_stage1_args, build_stage1
+from tvl_stage2 import FluxTalk, RegisterModule
+from util.checkpoint import CheckpointError, append_line, load_torch_file, rng_state, save_atomic, set_rng_state
+from util.misc import MODALITIES
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. resume
+
+
+# ----------------------------------------------------------------------------------------------------- flags
+
+def rate_in_unit_interval(value):
+    r = float(value)
+    if not 0.0 <= r < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return r
+
+
+def positive_int(value):
+    v = int(value)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return v
+
+
+def non_negative_float(value):
+    v = float(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("FluxTalk Stage 2 training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--demo", action="store_true",
+                   help="synthetic TVL-format data + a tiny Stage 1 under output_dir (made once), CPU, a few epochs")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.json, TensorBoard")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (NCCL, one GPU per local rank) or cpu (gloo)")
+    g.add_argument("--seed", default=0, type=int, help="base seed; each rank adds its rank")
+    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth "
+                                                "if present)")
+    g.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
+    g.add_argument("--precision", default=None, choices=["fp32", "amp_bf16", "amp_fp16"],
+                   help="default: amp_bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the register module")
+    g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint-<epoch>.pth every N epochs (0: off)")
+    g.add_argument("--save_every_steps", default=0, type=int,
+                   help="write checkpoint.pth every N optimizer steps mid-epoch too (0: only at epoch ends)")
+    g.add_argument("--print_freq", default=20, type=positive_int, help="log to TensorBoard every N steps")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--active_modality_names", nargs="+", default=list(MODALITIES), choices=MODALITIES,
+                   help="modalities to align (two or more); loss pairs are all unordered pairs")
+    g.add_argument("--num_register_tokens", default=4, type=positive_int, help="K register tokens")
+    g.add_argument("--num_overlapping_tokens", default=3, type=positive_int,
+                   help="K_o of them are overlapping (aligned); the rest are complementary")
+    g.add_argument("--register_width", default=256, type=positive_int, help="width D of the register blocks")
+    g.add_argument("--register_depth", default=2, type=positive_int, help="register blocks")
+    g.add_argument("--register_heads", default=4, type=positive_int, help="attention heads")
+    g.add_argument("--mlp_ratio", default=4.0, type=float, help="MLP hidden = ratio * width")
+    g.add_argument("--attn_dropout", default=0.0, type=rate_in_unit_interval, help="attention dropout (training)")
+    g.add_argument("--embed_dim", default=None, type=positive_int, help="output dim E (default: Stage 1 joint dim)")
+    g.add_argument("--nested_dropout_rate", default=0.5, type=rate_in_unit_interval,
+                   help="final nested dropout rate r in [0, 1): P(token k dropped) = r k / (K-1)")
+    g.add_argument("--nested_dropout_ramp_epochs", default=None, type=float,
+                   help="epochs of the linear 0 -> rate ramp (default: all epochs)")
+    g.add_argument("--complementary_reg_weight", default=0.01, type=non_negative_float,
+                   help="weight of the complementary L2 + diversity terms")
+    g.add_argument("--complementary_recon_weight", default=0.0, type=non_negative_float,
+                   help="weight of the Stage 1 global-embedding reconstruction term (0: off)")
+    g.add_argument("--text_threshold", default=0.9, type=float,
+                   help="TVL text accuracy: a hit when the retrieved caption's Stage 1 text embedding has cosine "
+                        "above this with the true caption's")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", default=64, type=positive_int, help="per-GPU batch size")
+    g.add_argument("--epochs", default=100, type=positive_int)
+    g.add_argument("--accum_iter", default=1, type=positive_int, help="gradient accumulation steps")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", default=1e-3, type=float, help="base lr, scaled by effective batch / 256")
+    g.add_argument("--min_lr", default=1e-6, type=float, help="cosine floor")
+    g.add_argument("--warmup_epochs", default=5, type=float, help="linear lr warmup")
+    g.add_argument("--weight_decay", default=0.05, type=float,
+                   help="AdamW weight decay (not on norms, biases, register tokens, logit scale)")
+    g.add_argument("--clip_grad", default=None, type=float, help="max grad norm (default: no clipping)")
+
+    add_data_args(p)
+    add_stage1_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if len(set(args.active_modality_names)) < 2:
+        parser.error("--active_modality_names: need two or more distinct modalities")
+    if args.num_overlapping_tokens >= args.num_register_tokens + (args.num_register_tokens == 1):
+        parser.error(f"--num_overlapping_tokens ({args.num_overlapping_tokens}) must be < --num_register_tokens "
+                     f"({args.num_register_tokens}): the rest are the complementary tokens")
+    if args.register_width % args.register_heads:
+        parser.error(f"--register_width ({args.register_width}) must be divisible by --register_heads "
+                     f"({args.register_heads})")
+    if args.eval_only and not args.resume:
+        parser.error("--eval_only needs --resume PATH (or auto)")
+    if args.demo:
+        apply_demo_defaults(args, parser)
+    elif args.stage1_checkpoint is None and not getattr(args, "feature_cache", None):
+        parser.error("--stage1_checkpoint is required (or use --demo)")
+    if args.precision is None:
+        args.precision = "amp_bf16" if args.device.startswith("cuda") else "fp32"
+    if args.nested_dropout_ramp_epochs is None:
+        args.nested_dropout_ramp_epochs = float(args.epochs)
+    args.active_modality_names = sorted(set(args.active_modality_names), key=MODALITIES.index)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+
+DEMO = dict(epochs=6, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=2, print_freq=5, nested_dropout_rate=0.5,
+            device="cpu")
+
+
+def apply_demo_defaults(args, parser):
+    """--demo: the tiny setup, unless a flag was given explicitly on the command line."""
+    for k, v in DEMO.items():
+        if getattr(args, k) == parser.get_default(k):
+            setattr(args, k, v)
+    if args.output_dir == parser.get_default("output_dir"):
+        args.output_dir = "./output_dir/demo"
+    args.datasets_dir = os.path.join(args.output_dir, "data")
+    args.stage1_checkpoint = os.path.join(args.output_dir, "stage1", "tiny_stage1.pth")
+    args.clip_model = "fluxtalk-tiny"
+    args.clip_pretrained = os.path.join(args.output_dir, "stage1", "tiny_clip.pt")
+
+
+def prepare_demo(args):
+    """Rank 0 writes the synthetic dataset and the tiny Stage 1 (once; reused when present)."""
+    if dist.is_main():
+        from tools.make_synthetic_tvl import make_synthetic_tvl
+        from tools.make_tiny_stage1 import make_tiny_stage1
+        make_synthetic_tvl(args.datasets_dir, n_ssvtp=240, n_hct=240, seed=0)
+        make_tiny_stage1(os.path.dirname(args.stage1_checkpoint), seed=0)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_state(model, optimizer, scaler, args, stage1_fingerprint, epoch, next_step, global_step, best):
+    """Everything a resume needs; only what trains (the register module), never the frozen Stage 1."""
+    return {
+        "model": model.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "next_step": next_step,  # batches of `epoch` already consumed (== steps_per_epoch: epoch finished)
+        "global_step": global_step,
+        "best_val_mean_r1": best,
+        "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
+        "rng": rng_state(),
+        "stage1_fingerprint": stage1_fingerprint,
+    }
+
+
+def resolve_resume(args):
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        return path if os.path.isfile(path) else None
+    return args.resume or None
+
+
+def load_resume(path, model, optimizer, scaler, stage1_fingerprint):
+    """Loads a checkpoint into model/optimizer/scaler; refuses another Stage 1 or another model shape."""
+    ckpt = load_torch_file(path)
+    missing = [k for k in ("model", "optimizer", "epoch", "next_step", "stage1_fingerprint") if
+               not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a FluxTalk Stage 2 checkpoint (missing key(s) {', '.join(missing)})")
+    if ckpt["stage1_fingerprint"] != stage1_fingerprint:
+        raise CheckpointError(f"{path}: was trained on another Stage 1 (fingerprint {ckpt['stage1_fingerprint'][:12]}"
+                              f" != {stage1_fingerprint[:12]} of --stage1_checkpoint/--clip_pretrained); refusing")
+    module = getattr(model.register_module, "module", model.register_module)
+    own = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt["model"].items()
+           if k in own and v.shape != own[k].shape]
+    bad += [f"{k} (missing here)" for k in ckpt["model"] if k not in own]
+    bad += [f"{k} (missing in checkpoint)" for k in own if k not in ckpt["model"]]
+    if bad:
+        raise CheckpointError(f"{path}: model shape does not match the flags ({'; '.join(bad[:4])}); resume with "
+                              f"the flags of that run (see its args)")
+    module.load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+def param_groups(module, weight_decay):
+    """No weight decay on norms, biases, register tokens or the logit scale (as MAE/OpenCLIP)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim <= 1 or name in ("register_tokens", "logit_scale")
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """DistributedSampler whose first `skip` indices of this epoch are left out (mid-epoch resume)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+def make_loader(dataset, args, train):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=args.seed,
+                                 drop_last=train)
+    # An explicit generator: the loader must not draw from the global RNG, which a resumed run restores.
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=SkipSampler(sampler) if train else sampler,
+                      num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
+                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
+
+
+def build_model(args, stage1):
+    embed_dim = args.embed_dim or stage1.embed_dim
+    register_module = RegisterModule(
+        feature_dims=stage1.feature_dims, embed_dim=embed_dim, num_tokens=args.num_register_tokens,
+        num_overlapping=args.num_overlapping_tokens, width=args.register_width, depth=args.register_depth,
+        num_heads=args.register_heads, mlp_ratio=args.mlp_ratio, attn_dropout=args.attn_dropout,
+        logit_scale_init=stage1.logit_scale,
+        recon_dims={m: stage1.embed_dim for m in args.active_modality_names} if args.complementary_recon_weight else None)
+    return FluxTalk(stage1, register_module)
+
+
+# --------------------------------------------------------------------------------------------------- logging
+
+def open_writer(args, purge_step):
+    """TensorBoard on rank 0. purge_step drops events a crashed run logged past the resume point."""
+    if not dist.is_main():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=args.log_dir, purge_step=purge_step)
+
+
+def trim_log(path, start_epoch):
+    """On resume, drop log.txt lines of epochs that will be re-run, so no epoch appears twice."""
+    if not dist.is_main() or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def print_metrics(title, metrics):
+    if dist.is_main():
+        keys = sorted(k for k in metrics if k.endswith("_r1") and "prefix" not in k and "2" not in k.split("_")[-2])
+        print(title + "  " + "  ".join(f"{k[4:]}={metrics[k]:.2f}" for k in keys), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill); read after each step."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def __call__(self):
+        return self.signum is not None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(args):
+    rank, world_size, _, device = dist.init_distributed(args.device)
+    args.device_obj = device
+    args.world_size = world_size
+    args.log_dir = args.log_dir or args.output_dir
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
+    if args.demo:
+        prepare_demo(args)
+    seed_everything(args.seed + rank)
+    stop = StopFlag()
+    stop.install()
+
+    stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
+                          active_modalities=args.active_modality_names).to(device)
+    model = build_model(args, stage1).to(device)
+    criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
+                           args.complementary_recon_weight)
+    val_set = build_dataset(args, "val", stage1.tokenizer, args.active_modality_names, args.seed)
+    val_loader = make_loader(val_set, args, train=False)
+
+    optimizer = torch.optim.AdamW(param_groups(model.register_module, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp_fp16")
+    resume = resolve_resume(args)
+    start_epoch, start_step, global_step, best = 0, 0, 0, -1.0
+    if resume:
+        ckpt = load_resume(resume, model, optimizer, scaler, stage1.fingerprint)
+        start_epoch, start_step, global_step = ckpt["epoch"], ckpt["next_step"], ckpt["global_step"]
+        best = ckpt.get("best_val_mean_r1", -1.0)
+        set_rng_state(ckpt["rng"])
+        if dist.is_main():
+            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}, best val_mean_r1 {best:.2f}")
+
+    if args.eval_only:
+        metrics, artifacts = evaluate(model, val_loader, args)
+        print_metrics(f"eval ({resume})", metrics)
+        if dist.is_main():
+            os.makedirs(args.output_dir, exist_ok=True)
+            append_line(os.path.join(args.output_dir, "log.txt"),
+                        json.dumps({"epoch": start_epoch, "eval_only": True, "checkpoint": resume, **metrics}))
+            writer = open_writer(args, None)
+            log_eval(writer, metrics, artifacts, global_step)
+            writer.close()
+        return metrics
+
+    train_set = build_dataset(args, "train", stage1.tokenizer, args.active_modality_names, args.seed)
+    train_loader = make_loader(train_set, args, train=True)
+    steps_per_epoch = len(train_loader.sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"--batch_size {args.batch_size} x {world_size} rank(s) is larger than the training split "
+                        f"({len(train_set)} samples)")
+    if resume and start_step >= steps_per_epoch:
+        start_epoch, start_step = start_epoch + 1, 0
+
+    ddp_module = model.register_module
+    if args.compile:
+        ddp_module = torch.compile(ddp_module)
+    if world_size > 1:
+        ddp_module = DistributedDataParallel(ddp_module, device_ids=[device.index] if device.type == "cuda" else None)
+    model.register_module = ddp_module
+
+    if dist.is_main():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "device_obj"}, f, indent=2, default=str)
+        print(f"{len(train_set)} train / {len(val_set)} val samples, {world_size} rank(s) on {device}, "
+              f"{steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
+    log_path = os.path.join(args.output_dir, "log.txt")
+    if resume:
+        trim_log(log_path, start_epoch)
+    writer = open_writer(args, global_step if resume else None)
+    state = {"global_step": global_step}
+
+    def save(path_names, epoch, next_step):
+        ckpt = checkpoint_state(model, optimizer, scaler, args, stage1.fingerprint, epoch, next_step,
+                                state["global_step"], best)
+        if dist.is_main():
+            for name in path_names:
+                save_atomic(ckpt, os.path.join(args.output_dir, name))
+        dist.barrier()
+
+    before = None
+    if args.demo and not resume:
+        before, _ = evaluate(model, val_loader, args)
+        print_metrics("before training:", before)
+
+    after = None
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        train_set.set_epoch(epoch)
+        train_stats, status = train_one_epoch(
+            model, criterion, train_loader, optimizer, scaler, epoch, start_step, steps_per_epoch, args, state,
+            writer, save_fn=lambda e, s: save(["checkpoint.pth"], e, s), stop_requested=stop)
+        if status == "stopped":
+            if writer is not None:
+                writer.close()
+            name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+            raise Preempted(f"caught {name} at epoch {epoch} step {state['global_step']}: wrote "
+                            f"{os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
+        start_step = 0
+        metrics, artifacts = evaluate(model, val_loader, args)
+        after = metrics
+        print_metrics(f"epoch {epoch}:", metrics)
+        is_best = metrics["val_mean_r1"] > best
+        best = max(best, metrics["val_mean_r1"])
+        if dist.is_main():
+            log_eval(writer, metrics, artifacts, state["global_step"])
+            line = {"epoch": epoch, "train_loss": train_stats.get("loss"), "global_step": state["global_step"],
+                    **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **metrics,
+                    "best_val_mean_r1": best, "epoch_time_s": time.time() - t0}
+            append_line(log_path, json.dumps(line))  # before the checkpoint: a resume re-runs (and trims) it
+        names = ["checkpoint.pth"] + (["checkpoint-best.pth"] if is_best else [])
+        if args.save_every and (epoch + 1) % args.save_every == 0:
+            names.append(f"checkpoint-{epoch}.pth")
+        save(names, epoch, steps_per_epoch)
+
+    if writer is not None:
+        writer.close()
+    if args.demo and dist.is_main() and after is not None:
+        print_demo_summary(before, after)
+    return after
+
+
+class Preempted(Exception):
+    pass
+
+
+def print_demo_summary(before, after):
+    keys = ["val_mean_r1"] + sorted(k for k in after if k.endswith("_r1") and k != "val_mean_r1"
+                                    and "prefix" not in k and k.count("2") == 0)
+    print(f"\n{'metric':<32}{'before':>10}{'after':>10}")
+    for k in keys:
+        b = before.get(k, float("nan")) if before else float("nan")
+        print(f"{k:<32}{b:>10.2f}{after[k]:>10.2f}")
+    chance = 100.0 / after["val_num_samples"]
+    b = before["val_mean_r1"] if before else float("nan")
+    print(f"demo: val_mean_r1 before={b:.2f} after={after['val_mean_r1']:.2f} chance={chance:.2f}", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    code = 0
+    try:
+        run(args)
+    except (Stage1Error, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT
+    except Preempted as e:
+        print(e, file=sys.stderr, flush=True)
+        code = EXIT_PREEMPTED
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        dist.cleanup()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
