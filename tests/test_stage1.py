@@ -44,13 +44,8 @@ def tvl_tactile(name, num_classes, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_stage1(str(tmp_path_factory.mktemp("tiny_stage1")))
-
-
-@pytest.fixture(scope="module")
-def tiny_stage1(tiny):
-    return build_stage1(tiny[0], "fluxtalk-tiny", tiny[1])
+def tiny(tiny_stage1_files):
+    return tiny_stage1_files
 
 
 def test_tvl_layout_checkpoint_loads_and_matches_original_tactile_encoder(tiny, tmp_path):

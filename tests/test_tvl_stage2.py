@@ -108,12 +108,6 @@ def test_logit_scale_init_and_clamp_and_argument_checks():
         _module(num_overlapping=5)
 
 
-@pytest.fixture(scope="module")
-def tiny_stage1(tmp_path_factory):
-    import stage1
-    from tools.make_tiny_stage1 import make_tiny_stage1
-    ckpt, clip = make_tiny_stage1(str(tmp_path_factory.mktemp("stage1")))
-    return stage1.build_stage1(ckpt, clip_model="fluxtalk-tiny", clip_pretrained=clip)
 
 
 def test_wrapper_trains_only_the_register_module(tiny_stage1):
