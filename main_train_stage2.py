@@ -288,7 +288,7 @@ def open_writer(args, purge_step):
 
 
 def trim_log(path, start_epoch):
-    """On resume, drop log.txt lines of epochs that will be re-run, so no epoch appears twice."""
+    """Drop log.txt lines of epochs >= start_epoch (they will be re-run), so no epoch appears twice."""
     if not dist.is_main() or not os.path.isfile(path):
         return
     with open(path) as f:
@@ -400,10 +400,11 @@ def run(args):
             json.dump({k: v for k, v in vars(args).items() if k != "device_obj"}, f, indent=2, default=str)
         print(f"{len(train_set)} train / {len(val_set)} val samples, {world_size} rank(s) on {device}, "
               f"{steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
+    # output_dir describes this run: a resume drops what it will re-run, a fresh start drops an older run's lines
+    # and (purge_step=0) its TensorBoard events.
     log_path = os.path.join(args.output_dir, "log.txt")
-    if resume:
-        trim_log(log_path, start_epoch)
-    writer = open_writer(args, global_step if resume else None)
+    trim_log(log_path, start_epoch)
+    writer = open_writer(args, global_step)
     state = {"global_step": global_step}
 
     def save(path_names, epoch, next_step):

@@ -1,0 +1,178 @@
+"""The training entry point end to end: real torchrun processes, files written, TensorBoard contents, resume, eval."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_train_stage2 as main_mod
+from util.misc import MODALITIES, modality_pairs, pair_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = [pair_name(a, b) for a, b in modality_pairs(MODALITIES)]
+SEED_COMMAND = ["--stage1_checkpoint", "tvl_enc_vittiny.pth", "--batch_size", "64", "--epochs", "100",
+                "--num_register_tokens", "4", "--num_overlapping_tokens", "3", "--nested_dropout_rate", "0.5",
+                "--complementary_reg_weight", "0.01", "--output_dir", "./output_dir/flux_talk_variant",
+                "--datasets_dir", "/data/tvl", "--datasets", "ssvtp", "hct"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_run_flags(tiny_stage1_files, data_dir, out_dir, epochs=2):
+    ckpt, clip = tiny_stage1_files
+    return ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip,
+            "--datasets_dir", data_dir, "--device", "cpu", "--output_dir", str(out_dir), "--epochs", str(epochs),
+            "--batch_size", "8", "--register_width", "32", "--register_depth", "1", "--register_heads", "2",
+            "--num_workers", "0", "--print_freq", "2", "--warmup_epochs", "1", "--lr", "1e-3", "--save_every", "1"]
+
+
+def run_training(flags, nproc=1, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+    proc = subprocess.run(launcher + [os.path.join(ROOT, "main_train_stage2.py")] + flags, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_stage1_files, synthetic_tvl, tmp_path_factory):
+    """Two epochs under torchrun --nproc_per_node=2 on CPU (gloo), all three modalities."""
+    out = tmp_path_factory.mktemp("ddp_run")
+    proc = run_training(small_run_flags(tiny_stage1_files, synthetic_tvl, out), nproc=2)
+    return out, proc
+
+
+def test_torchrun_two_processes_writes_every_artifact(ddp_run):
+    out, proc = ddp_run
+    files = set(os.listdir(out))
+    assert {"checkpoint.pth", "checkpoint-best.pth", "checkpoint-0.pth", "checkpoint-1.pth", "log.txt",
+            "args.json"} <= files, files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    with open(os.path.join(out, "args.json")) as f:
+        args = json.load(f)
+    assert args["world_size"] == 2 and args["batch_size"] == 8
+
+    log = read_log(out)
+    assert [line["epoch"] for line in log] == [0, 1]
+    for line in log:
+        assert {"epoch", "train_loss", "val_mean_r1"} <= set(line)
+        for p in PAIRS:
+            assert 0.0 <= line[f"val_{p}_r1"] <= 100.0
+        # the mean over pairs and directions is what the pairs' means average to
+        assert line["val_mean_r1"] == pytest.approx(sum(line[f"val_{p}_r1"] for p in PAIRS) / len(PAIRS))
+
+    # Every file we write loads with weights_only=True; "model" is the trainable state only.
+    for name in ("checkpoint.pth", "checkpoint-best.pth", "checkpoint-0.pth", "checkpoint-1.pth"):
+        ckpt = load(os.path.join(out, name))
+        assert all(not k.startswith(("stage1", "clip", "tactile_encoder")) for k in ckpt["model"])
+        assert "register_tokens" in ckpt["model"] and "logit_scale" in ckpt["model"]
+    last, best = load(os.path.join(out, "checkpoint.pth")), load(os.path.join(out, "checkpoint-best.pth"))
+    assert last["epoch"] == 1 and last["best_val_mean_r1"] == max(line["val_mean_r1"] for line in log)
+    best_epoch = max(log, key=lambda line: line["val_mean_r1"])["epoch"]
+    assert best["epoch"] == best_epoch
+
+
+def test_torchrun_two_processes_tensorboard_holds_scalars_and_images(ddp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _ = ddp_run
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    scalars, images = set(ea.Tags()["scalars"]), set(ea.Tags()["images"])
+    expected = {"train/loss", "train/contrastive", "train/comp_l2", "train/comp_div", "train/recon",
+                "train/logit_scale", "train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_frac",
+                "train/max_mem_mb", "train/nested_dropout_rate", "val/mean_r1"}
+    for p in PAIRS:
+        expected |= {f"train/contrastive_{p}", f"train/r1_{p}", f"val/{p}_r1", f"val/{p}_prefix1_r1"}
+    for m in MODALITIES:
+        expected |= {f"train/comp_l2_{m}", f"train/comp_div_{m}"}
+    assert expected <= scalars, expected - scalars
+    assert {f"affinity/{p}" for p in PAIRS} | {"val/prefix_curve"} <= images, images
+    # keyed by global step: the lr curve has one point per --print_freq steps, increasing steps
+    steps = [e.step for e in ea.Scalars("train/lr")]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[0] > 0
+    assert [e.step for e in ea.Scalars("val/mean_r1")][-1] == load(os.path.join(out, "checkpoint.pth"))["global_step"]
+
+
+def test_resume_auto_after_a_finished_epoch_matches_the_uninterrupted_run(ddp_run, tiny_stage1_files,
+                                                                          synthetic_tvl, tmp_path):
+    """Restart from the end of epoch 0 (as a crash right after it would leave output_dir) and finish under
+    torchrun again: weights, optimizer state, schedule position and best metric equal the uninterrupted run's."""
+    full, _ = ddp_run
+    shutil.copy(os.path.join(full, "checkpoint-0.pth"), os.path.join(tmp_path, "checkpoint.pth"))
+    with open(os.path.join(full, "log.txt")) as f:
+        first_line = f.readline()
+    with open(os.path.join(tmp_path, "log.txt"), "w") as f:
+        f.write(first_line)
+    proc = run_training(small_run_flags(tiny_stage1_files, synthetic_tvl, tmp_path) + ["--resume", "auto"], nproc=2)
+    assert "resumed from" in proc.stdout and "epoch 0" not in proc.stdout.split("resumed from")[1].split("\n", 1)[1]
+
+    a, b = load(os.path.join(full, "checkpoint.pth")), load(os.path.join(tmp_path, "checkpoint.pth"))
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][k][name]), (k, name)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert (a["global_step"], a["best_val_mean_r1"]) == (b["global_step"], b["best_val_mean_r1"])
+    assert [line["epoch"] for line in read_log(tmp_path)] == [0, 1]
+
+
+def test_eval_only_prints_and_logs_metrics_and_writes_no_checkpoint(ddp_run, tiny_stage1_files, synthetic_tvl,
+                                                                     tmp_path):
+    full, _ = ddp_run
+    ckpt_path = os.path.join(full, "checkpoint-best.pth")
+    proc = run_training(small_run_flags(tiny_stage1_files, synthetic_tvl, tmp_path) +
+                        ["--eval_only", "--resume", ckpt_path])
+    assert "mean_r1=" in proc.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".pth")]
+    (line,) = read_log(tmp_path)
+    assert line["eval_only"] is True and line["checkpoint"] == ckpt_path
+    # the checkpoint's own validation result comes back (same weights, same split)
+    best_line = max(read_log(full), key=lambda x: x["val_mean_r1"])
+    assert line["val_mean_r1"] == pytest.approx(best_line["val_mean_r1"])
+
+
+def test_seed_command_flags_parse_with_those_names():
+    args = main_mod.parse_args(SEED_COMMAND)
+    assert (args.batch_size, args.epochs, args.num_register_tokens, args.num_overlapping_tokens) == (64, 100, 4, 3)
+    assert (args.nested_dropout_rate, args.complementary_reg_weight) == (0.5, 0.01)
+    assert args.datasets == ["ssvtp", "hct"] and args.datasets_dir == "/data/tvl"
+    assert args.active_modality_names == list(MODALITIES)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num_overlapping_tokens", "4"], "--num_overlapping_tokens"),
+    (["--nested_dropout_rate", "1.0"], "--nested_dropout_rate"),
+    (["--nested_dropout_rate", "-0.1"], "--nested_dropout_rate"),
+    (["--active_modality_names", "vision", "smell"], "--active_modality_names"),
+    (["--active_modality_names", "vision"], "--active_modality_names"),
+    (["--precision", "fp8"], "--precision"),
+    (["--complementary_reg_weight", "-1"], "--complementary_reg_weight"),
+    (["--eval_only"], "--eval_only"),
+])
+def test_invalid_values_fail_at_parse_time(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main_mod.parse_args(SEED_COMMAND + extra)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
