@@ -202,7 +202,7 @@ def resolve_resume(args):
 
 def load_resume(path, model, optimizer, scaler, stage1_fingerprint):
     """Loads a checkpoint into model/optimizer/scaler; refuses another Stage 1 or another model shape."""
-    ckpt = load_torch_file(path)
+    ckpt = load_torch_file(path, flag="--resume")
     missing = [k for k in ("model", "optimizer", "epoch", "next_step", "stage1_fingerprint") if
                not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

@@ -16,7 +16,6 @@ import argparse
 import difflib
 import hashlib
 import os
-import pickle
 import re
 import sys
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 from open_clip.transformer import text_global_pool
 
+from util.checkpoint import CheckpointError, first_line, load_torch_file
 from util.misc import MODALITIES
 
 # The repo's tiny OpenCLIP config ("fluxtalk-tiny") for the demo and tests: registered at import so
@@ -54,36 +54,12 @@ def add_stage1_args(parser):
 
 # --------------------------------------------------------------------------- safe loading
 
-def load_torch_file(path, flag=None):
-    """torch.load(weights_only=True) with argparse.Namespace allow-listed (TVL files carry one).
-
-    Anything else that needs unpickling is refused: we never turn weights_only off, since unpickling
-    arbitrary objects can run arbitrary code. `flag` names the CLI flag in error messages.
-    """
-    where = f"{flag} {path}" if flag else str(path)
-    if not path or not os.path.isfile(path):
-        raise Stage1Error(f"{where}: no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if refused:
-            raise Stage1Error(f"{where}: refusing to unpickle {refused.group(1)} (only tensors, plain containers "
-                              f"and argparse.Namespace are allowed; weights_only is never turned off)") from None
-        raise Stage1Error(f"{where}: not a torch checkpoint file ({_first_line(e)})") from None
-    except Exception as e:  # zip / pickle framing errors on a file that is not a torch file
-        raise Stage1Error(f"{where}: not a torch checkpoint file ({_first_line(e)})") from None
-
-
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
-
-
 def load_stage1_checkpoint(path):
     """-> (model state dict, args Namespace or None) of a TVL-layout Stage 1 file."""
-    ckpt = load_torch_file(path, flag="--stage1_checkpoint")
+    try:
+        ckpt = load_torch_file(path, flag="--stage1_checkpoint")
+    except CheckpointError as e:
+        raise Stage1Error(str(e)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise Stage1Error(f"--stage1_checkpoint {path}: no 'model' key (found {keys}); expected the TVL layout "
@@ -119,8 +95,8 @@ def create_clip(clip_model, clip_pretrained):
         if pretrained in tags:
             raise Stage1Error(f"--clip_pretrained {pretrained}: downloading the {clip_model} weights failed "
                               f"(offline machine?); download them elsewhere and pass the local file, e.g. "
-                              f"--clip_pretrained /path/to/open_clip_pytorch_model.bin (cause: {_first_line(e)})") from None
-        raise Stage1Error(f"--clip_pretrained {pretrained}: cannot load it into {clip_model}: {_first_line(e)}") from None
+                              f"--clip_pretrained /path/to/open_clip_pytorch_model.bin (cause: {first_line(e)})") from None
+        raise Stage1Error(f"--clip_pretrained {pretrained}: cannot load it into {clip_model}: {first_line(e)}") from None
 
 
 def create_tactile_encoder(tactile_model, num_classes):

@@ -8,7 +8,7 @@ import argparse
 import os
 import pickle
 import random
-import zipfile
+import re
 
 import numpy as np
 import torch
@@ -18,22 +18,32 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 
-def load_torch_file(path):
-    """torch.load with weights_only=True (+ argparse.Namespace). Raises CheckpointError naming `path` on failure."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+def load_torch_file(path, flag=None):
+    """torch.load(weights_only=True) with argparse.Namespace allow-listed (TVL files carry one).
+
+    Anything else that needs unpickling is refused: we never turn weights_only off, since unpickling arbitrary
+    objects can run arbitrary code. Raises CheckpointError naming `path` (and `flag`, the CLI flag, if given).
+    """
+    where = f"{flag} {path}" if flag else str(path)
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(f"{where}: no such file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses arbitrary classes; we never turn that safety off.
-        first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise CheckpointError(f"{path}: refused to unpickle (only tensors, plain containers and "
-                              f"argparse.Namespace are loaded, weights_only=True): {why.strip()}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or another format?): {msg}") from None
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise CheckpointError(f"{where}: refusing to unpickle {refused.group(1)} (only tensors, plain containers "
+                                  f"and argparse.Namespace are allowed; weights_only is never turned off)") from None
+        raise CheckpointError(f"{where}: not a torch checkpoint file ({first_line(e)})") from None
+    except Exception as e:  # zip / pickle framing errors: truncated, or not a torch file at all
+        raise CheckpointError(f"{where}: not a readable torch checkpoint, truncated or another format "
+                              f"({first_line(e)})") from None
+
+
+def first_line(e):
+    lines = str(e).strip().splitlines()
+    return lines[0].split(". ")[0][:200] if lines else type(e).__name__
 
 
 def save_atomic(obj, path):
