@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
-from data_stage2 import DataError, add_data_args, build_dataset
+from data_stage2 import DataError, add_data_args, build_cached_dataset, build_dataset
 from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
@@ -79,6 +79,8 @@ def get_args_parser():
     g.add_argument("--save_every_steps", default=0, type=int,
                    help="write checkpoint.pth every N optimizer steps mid-epoch too (0: only at epoch ends)")
     g.add_argument("--print_freq", default=20, type=positive_int, help="log to TensorBoard every N steps")
+    g.add_argument("--feature_cache", default=None,
+                   help="train and evaluate from this cache_features.py folder: no encoder forward, no image decoding")
 
     g = p.add_argument_group("model")
     g.add_argument("--active_modality_names", nargs="+", default=list(MODALITIES), choices=MODALITIES,
@@ -266,6 +268,12 @@ def make_loader(dataset, args, train):
                       generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
 
 
+def build_split(args, split, stage1):
+    if args.feature_cache:  # refused (DataError) when made with another Stage 1, modalities or split
+        return build_cached_dataset(args, split, stage1, args.seed)
+    return build_dataset(args, split, stage1.tokenizer, args.active_modality_names, args.seed)
+
+
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
     register_module = RegisterModule(
@@ -346,11 +354,13 @@ def run(args):
     stop.install()
 
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
-                          active_modalities=args.active_modality_names).to(device)
-    model = build_model(args, stage1).to(device)
+                          active_modalities=args.active_modality_names)
+    model = build_model(args, stage1)
+    # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
+    (model.register_module if args.feature_cache else model).to(device)
     criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
                            args.complementary_recon_weight)
-    val_set = build_dataset(args, "val", stage1.tokenizer, args.active_modality_names, args.seed)
+    val_set = build_split(args, "val", stage1)
     val_loader = make_loader(val_set, args, train=False)
 
     optimizer = torch.optim.AdamW(param_groups(model.register_module, args.weight_decay), lr=args.lr,
@@ -378,7 +388,7 @@ def run(args):
             writer.close()
         return metrics
 
-    train_set = build_dataset(args, "train", stage1.tokenizer, args.active_modality_names, args.seed)
+    train_set = build_split(args, "train", stage1)
     train_loader = make_loader(train_set, args, train=True)
     steps_per_epoch = len(train_loader.sampler) // args.batch_size
     if steps_per_epoch == 0:

@@ -160,6 +160,8 @@ class FluxTalk(nn.Module):
     def forward(self, batch, keep=None, generator=None):
         # Batches from the feature cache already hold Stage 1's outputs; skip the encoders then.
         feats = batch if "tokens" in batch else self.stage1(batch)
+        if "tokens" in batch:  # cached features are stored in float16; the register module computes in float32
+            feats = dict(feats, tokens={m: t.float() for m, t in feats["tokens"].items()})
         out = self.register_module(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
         return out
