@@ -138,17 +138,21 @@ def test_recall_at_k_and_text_accuracy_and_prefix_curve():
     # true ranks: 0, 1, 2 -> R@1 = 1/3, R@2 = 2/3
     r = recall_at_k(sim, ks=(1, 2))
     assert r[1] == pytest.approx(100 / 3) and r[2] == pytest.approx(200 / 3)
-    assert recall_at_k(torch.ones(4, 4), ks=(1,))[1] == 0.0  # ties count against the query
+    # ties are broken at random in expectation: a collapsed model is at chance (k / N), never 0 or 100
+    assert recall_at_k(torch.ones(4, 4), ks=(1, 2)) == {1: pytest.approx(25.0), 2: pytest.approx(50.0)}
+    # query 0's true item ties with one other item and beats the rest: R@1 = 1/2, R@2 = 1
+    tied = torch.tensor([[0.5, 0.5, 0.1], [0.0, 0.9, 0.1], [0.0, 0.1, 0.9]])
+    assert recall_at_k(tied, ks=(1, 2)) == {1: pytest.approx(100 * (0.5 + 1 + 1) / 3), 2: pytest.approx(100.0)}
     # captions 0 and 1 are identical: retrieving item 0 for query 1 is a text hit
     text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     assert text_threshold_accuracy(sim, text) == pytest.approx(200 / 3)
-    # prefix curve: token 0 carries no information (identical), token 1 identifies the sample
+    # prefix curve: token 0 carries no information (identical: chance), token 1 identifies the sample
     N = 5
     reg_a = torch.zeros(N, 3, N + 1)
     reg_a[:, 0, -1] = 1.0
     reg_a[:, 1, :N] = torch.eye(N) * 5
     curve = prefix_curve(reg_a, reg_a.clone(), num_overlapping=2)
-    assert curve == {"a2b": [0.0, 100.0], "b2a": [0.0, 100.0]}
+    assert curve["a2b"] == pytest.approx([100 / N, 100.0]) and curve["b2a"] == pytest.approx([100 / N, 100.0])
 
 
 def _free_port():
