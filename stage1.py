@@ -15,6 +15,7 @@ runs in eval mode without autograd: Stage 2 only reads token features from it.
 import argparse
 import difflib
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -90,6 +91,9 @@ def create_clip(clip_model, clip_pretrained):
         raise Stage1Error(f"--clip_pretrained {pretrained}: neither a known tag for {clip_model} {tags} "
                           f"nor an existing file (or 'none')")
     try:
+        if pretrained is not None and os.path.isfile(pretrained):
+            # OpenCLIP loads a local file but still warns "No pretrained weights loaded" (it only counts tags).
+            logging.disable(logging.WARNING)
         return open_clip.create_model(clip_model, pretrained=pretrained)
     except Exception as e:
         if pretrained in tags:
@@ -97,6 +101,8 @@ def create_clip(clip_model, clip_pretrained):
                               f"(offline machine?); download them elsewhere and pass the local file, e.g. "
                               f"--clip_pretrained /path/to/open_clip_pytorch_model.bin (cause: {first_line(e)})") from None
         raise Stage1Error(f"--clip_pretrained {pretrained}: cannot load it into {clip_model}: {first_line(e)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def create_tactile_encoder(tactile_model, num_classes):
