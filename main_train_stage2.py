@@ -29,7 +29,8 @@ from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
-from util.checkpoint import CheckpointError, append_line, load_torch_file, rng_state, save_atomic, set_rng_state
+from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, load_torch_file, rng_state,
+                              save_atomic, set_rng_state)
 from util.misc import MODALITIES
 
 EXIT_BAD_INPUT = 2
@@ -190,7 +191,8 @@ def checkpoint_state(model, optimizer, scaler, args, stage1_fingerprint, epoch, 
         "global_step": global_step,
         "best_val_mean_r1": best,
         "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
-        "rng": rng_state(),
+        "rng": rng_state(),  # rank 0's
+        "rng_ranks": dist.all_gather_object(rng_state()),  # every rank's (attention dropout draws differ per rank)
         "stage1_fingerprint": stage1_fingerprint,
     }
 
@@ -258,6 +260,14 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn. Schedulers signal the whole process group; torch's worker SIGTERM handler would
+    kill the worker mid-batch and take the run down before the main process could save. The main process alone
+    acts on SIGTERM/SIGUSR1 (workers still exit when it does: the loader shuts them down or they see it gone)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset, args, train):
     rank, world = dist.get_rank(), dist.get_world_size()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=args.seed,
@@ -265,7 +275,8 @@ def make_loader(dataset, args, train):
     # An explicit generator: the loader must not draw from the global RNG, which a resumed run restores.
     return DataLoader(dataset, batch_size=args.batch_size, sampler=SkipSampler(sampler) if train else sampler,
                       num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
-                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
+                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def build_split(args, split, stage1):
@@ -372,7 +383,8 @@ def run(args):
         ckpt = load_resume(resume, model, optimizer, scaler, stage1.fingerprint)
         start_epoch, start_step, global_step = ckpt["epoch"], ckpt["next_step"], ckpt["global_step"]
         best = ckpt.get("best_val_mean_r1", -1.0)
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or []
+        set_rng_state(ranks[rank] if len(ranks) == world_size else ckpt["rng"])
         if dist.is_main():
             print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}, best val_mean_r1 {best:.2f}")
 
@@ -411,19 +423,29 @@ def run(args):
         print(f"{len(train_set)} train / {len(val_set)} val samples, {world_size} rank(s) on {device}, "
               f"{steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
     # output_dir describes this run: a resume drops what it will re-run, a fresh start drops an older run's lines
-    # and (purge_step=0) its TensorBoard events.
+    # and (purge_step=0) its TensorBoard events. Events at the checkpoint's own global_step (its last train/ line,
+    # and the val/ ones of an epoch-end checkpoint) were written before it and are not re-run: keep them (+1).
     log_path = os.path.join(args.output_dir, "log.txt")
     trim_log(log_path, start_epoch)
-    writer = open_writer(args, global_step)
+    writer = open_writer(args, global_step + 1 if resume else 0)
     state = {"global_step": global_step}
 
     def save(path_names, epoch, next_step):
         ckpt = checkpoint_state(model, optimizer, scaler, args, stage1.fingerprint, epoch, next_step,
                                 state["global_step"], best)
+        error = None
         if dist.is_main():
-            for name in path_names:
-                save_atomic(ckpt, os.path.join(args.output_dir, name))
-        dist.barrier()
+            if writer is not None:
+                writer.flush()  # TensorBoard up to this step survives a kill -9 (a resume purges only later steps)
+            try:
+                for name in path_names:
+                    save_atomic(ckpt, os.path.join(args.output_dir, name))
+            except CheckpointWriteError as e:
+                error = e
+        # All ranks stop together when rank 0 could not write (instead of waiting forever in a barrier).
+        if dist.any_rank(error is not None):
+            raise error or CheckpointWriteError(f"{os.path.join(args.output_dir, path_names[0])}: rank 0 failed "
+                                                f"to write the checkpoint (see its error)")
 
     before = None
     if args.demo and not resume:
@@ -489,6 +511,9 @@ def main(argv=None):
     code = 0
     try:
         run(args)
+    except CheckpointWriteError as e:  # the input was fine; the previous checkpoint.pth is intact
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
     except (Stage1Error, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT

@@ -18,6 +18,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing failed (disk full, permissions, ...): the input was fine, so not a bad-input exit."""
+
+
 def load_torch_file(path, flag=None):
     """torch.load(weights_only=True) with argparse.Namespace allow-listed (TVL files carry one).
 
@@ -65,7 +69,7 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, Exception):
-            raise CheckpointError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); "
+            raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); "
                                   f"the previous file, if any, is intact") from e
         raise
 

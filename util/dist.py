@@ -68,6 +68,15 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (host-side, on the gloo control group)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj, group=_CONTROL_GROUP)
+    return out
+
+
 def all_gather_cat(t):
     """(n, ...) per rank -> (world * n, ...), rank-major. Every rank must pass the same shape (no gradient)."""
     if not is_dist():
