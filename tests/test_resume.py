@@ -1,0 +1,361 @@
+"""Issue 6, fault tolerance: a run killed at any moment and resumed with `--resume auto` ends with exactly the weights
+of an uninterrupted run; SIGTERM/SIGUSR1 stop cleanly; failed writes keep the previous checkpoint; bad checkpoints
+are refused in one line.
+
+Real processes (python / torchrun, CPU, gloo), augmentation and nested dropout on, `--num_workers 2`. Each test
+compares the final `model` state dict of checkpoint.pth with that of an uninterrupted run of the same flags,
+bitwise (torch.equal per tensor): every random draw is a pure function of (seed, epoch, index) / (seed, step, rank)
+or carried in the checkpoint, and the CPU kernels are deterministic for equal shapes and thread counts.
+
+The kill moment is a seeded random choice (RESUME_TEST_SEED, printed on failure) among the mid-epoch steps after
+the first step-level checkpoint, plus a random delay inside that step.
+"""
+import errno
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, "main_train_stage2.py")
+SEED = int(os.environ.get("RESUME_TEST_SEED", "0"))
+EXIT_PREEMPTED = 75
+SAVE_EVERY = 2
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flags(files, data, out, modalities=None, extra=()):
+    ckpt, clip = files
+    f = ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip,
+         "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
+         "--register_width", "32", "--register_depth", "1", "--register_heads", "2",
+         "--save_every_steps", str(SAVE_EVERY), "--num_workers", "2", "--nested_dropout_rate", "0.5",
+         "--print_freq", "1", "--lr", "2e-3", "--warmup_epochs", "1", "--seed", "3", "--resume", "auto"]
+    if modalities:
+        f += ["--active_modality_names", *modalities]
+    return f + list(extra)
+
+
+class Run:
+    """One training process (or torchrun and its workers) in its own session, output in files."""
+
+    def __init__(self, argv, out, nproc=1):
+        self.out = str(out)
+        os.makedirs(self.out, exist_ok=True)
+        n = len([f for f in os.listdir(self.out) if f.startswith("stdout")])
+        self.stdout_path = os.path.join(self.out, f"stdout{n}.txt")
+        self.stderr_path = os.path.join(self.out, f"stderr{n}.txt")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if nproc > 1:
+            env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
+            launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        "--master_port", str(free_port())]
+        else:
+            launcher = [sys.executable]
+        with open(self.stdout_path, "w") as so, open(self.stderr_path, "w") as se:
+            self.proc = subprocess.Popen(launcher + [MAIN] + argv, cwd=ROOT, env=env, stdout=so, stderr=se,
+                                         start_new_session=True)
+
+    def stdout(self):
+        with open(self.stdout_path) as f:
+            return f.read()
+
+    def stderr(self):
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def steps_done(self):
+        """(epoch, step) of the last printed training step ('epoch E [S/N] loss ...'), or None; and N."""
+        hits = re.findall(r"^epoch (\d+) \[(\d+)/(\d+)\] loss", self.stdout(), flags=re.M)
+        if not hits:
+            return None, None
+        e, s, n = map(int, hits[-1])
+        return (e, s), n
+
+    def wait_for_step(self, epoch, step, timeout=240):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            done, n = self.steps_done()
+            if done is not None and done >= (epoch, step):
+                return done, n
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {self.proc.returncode}) before epoch {epoch} step {step}\n"
+                                     + self.tail())
+            time.sleep(0.02)
+        raise AssertionError(f"epoch {epoch} step {step} not reached in {timeout}s\n" + self.tail())
+
+    def signal(self, sig):
+        os.killpg(self.proc.pid, sig)  # the whole group: DataLoader workers (and torchrun's workers) too
+
+    def wait(self, timeout=300):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"run did not end within {timeout}s\n" + self.tail())
+
+    def tail(self):
+        return f"--- stdout\n{self.stdout()[-3000:]}\n--- stderr\n{self.stderr()[-3000:]}"
+
+
+def run_to_end(argv, out, nproc=1):
+    r = Run(argv, out, nproc)
+    rc = r.wait()
+    assert rc == 0, r.tail()
+    return r
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_model(out, ref_out, context=""):
+    got, ref = load(os.path.join(out, "checkpoint.pth")), load(os.path.join(ref_out, "checkpoint.pth"))
+    assert (got["epoch"], got["next_step"], got["global_step"]) == (ref["epoch"], ref["next_step"],
+                                                                     ref["global_step"]), context
+    assert got["model"].keys() == ref["model"].keys()
+    differ = [k for k in ref["model"] if not torch.equal(got["model"][k], ref["model"][k])]
+    assert not differ, f"{context}: not bitwise equal to the uninterrupted run: " + ", ".join(
+        f"{k} (max abs diff {(got['model'][k] - ref['model'][k]).abs().max().item():.3g})" for k in differ[:5])
+    # The optimizer state too (Adam moments and step counts), so a later continuation would also agree.
+    for (pid, s), (_, s_ref) in zip(sorted(got["optimizer"]["state"].items()),
+                                    sorted(ref["optimizer"]["state"].items())):
+        for k in s_ref:
+            assert torch.equal(s[k], s_ref[k]), f"{context}: optimizer state {pid}.{k} differs"
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_log(out, ref_out):
+    """One line per epoch, none duplicated or dropped; the validation metrics of the resumed run are the reference's."""
+    got, ref = read_log(out), read_log(ref_out)
+    assert [ln["epoch"] for ln in got] == [ln["epoch"] for ln in ref] == [0, 1]
+    for g, r in zip(got, ref):
+        assert g["global_step"] == r["global_step"]
+        assert {k: v for k, v in g.items() if k.startswith("val_")} == {k: v for k, v in r.items()
+                                                                           if k.startswith("val_")}
+
+
+def scalars(out):
+    """{tag: [(step, value)]} as TensorBoard shows them (EventAccumulator applies purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def assert_same_tensorboard(out, ref_out):
+    """Every train/val step appears exactly once, as in the uninterrupted run, with the same loss values."""
+    got, ref = scalars(out), scalars(ref_out)
+    for tag in ("train/loss", "train/lr", "train/nested_dropout_rate", "val/mean_r1"):
+        steps = [s for s, _ in got[tag]]
+        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps {steps}"
+        assert steps == [s for s, _ in ref[tag]], f"{tag}: steps {steps} != {[s for s, _ in ref[tag]]}"
+        assert [v for _, v in got[tag]] == [v for _, v in ref[tag]], tag
+
+
+def pick_kill_point(rng, steps_per_epoch):
+    """A mid-epoch step after the epoch's first step-level checkpoint, not the epoch's last step."""
+    epoch = rng.choice([0, 1])
+    step = rng.randint(SAVE_EVERY + 1, steps_per_epoch - 2)
+    return epoch, step
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Smaller than the session dataset: 8 steps per epoch at batch 4 on one rank, 4 on two."""
+    from tools.make_synthetic_tvl import make_synthetic_tvl
+    out = str(tmp_path_factory.mktemp("tvl_resume"))
+    make_synthetic_tvl(out, n_ssvtp=24, n_hct=24, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_stage1_files, data, tmp_path_factory):
+    """Uninterrupted one-process run, all three modalities."""
+    out = tmp_path_factory.mktemp("ref1")
+    r = run_to_end(flags(tiny_stage1_files, data, out), out)
+    _, n = r.steps_done()
+    return str(out), n
+
+
+@pytest.fixture(scope="module")
+def reference_ddp(tiny_stage1_files, data, tmp_path_factory):
+    """Uninterrupted torchrun --nproc_per_node=2 run (vision + tactile, attention dropout on: per-rank RNG)."""
+    out = tmp_path_factory.mktemp("ref2")
+    r = run_to_end(flags(tiny_stage1_files, data, out, DDP_MODALITIES, DDP_EXTRA), out, nproc=2)
+    _, n = r.steps_done()
+    return str(out), n
+
+
+DDP_MODALITIES = ("vision", "tactile")
+DDP_EXTRA = ("--save_every_steps", "1", "--attn_dropout", "0.1")
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_equal(tiny_stage1_files, data, reference, tmp_path):
+    ref_out, n = reference
+    rng = random.Random(SEED)
+    epoch, step = pick_kill_point(rng, n)
+    delay = rng.uniform(0.0, 0.3)
+    context = f"RESUME_TEST_SEED={SEED}: SIGKILL after epoch {epoch} step {step}/{n} + {delay:.2f}s"
+    argv = flags(tiny_stage1_files, data, tmp_path)
+
+    r = Run(argv, tmp_path)
+    r.wait_for_step(epoch, step)
+    time.sleep(delay)
+    r.signal(signal.SIGKILL)
+    r.wait()
+    ck = load(tmp_path / "checkpoint.pth")  # the killed run left a loadable step-level checkpoint
+    assert ck["epoch"] == epoch and 0 < ck["next_step"] < n, context
+    assert ck["next_step"] % SAVE_EVERY == 0, context
+    assert not os.path.isfile(tmp_path / "log.txt") or [ln["epoch"] for ln in read_log(tmp_path)] == \
+        list(range(epoch)), context
+
+    r2 = run_to_end(argv, tmp_path)
+    assert f"epoch {epoch}, step {ck['next_step']}" in r2.stdout(), context + "\n" + r2.tail()
+    assert_same_model(tmp_path, ref_out, context)
+    assert_same_log(tmp_path, ref_out)
+    assert_same_tensorboard(tmp_path, ref_out)
+
+
+def test_sigterm_stops_within_a_step_with_exit_75_then_resumes_bitwise(tiny_stage1_files, data, reference,
+                                                                         tmp_path):
+    ref_out, n = reference
+    rng = random.Random(SEED + 1)
+    epoch, step = pick_kill_point(rng, n)
+    context = f"RESUME_TEST_SEED={SEED}: SIGTERM after epoch {epoch} step {step}/{n}"
+    argv = flags(tiny_stage1_files, data, tmp_path)
+
+    r = Run(argv, tmp_path)
+    (e, s), _ = r.wait_for_step(epoch, step)
+    t0 = time.time()
+    r.signal(signal.SIGTERM)  # the group, as a scheduler does: DataLoader workers get it too
+    rc = r.wait(timeout=120)
+    elapsed = time.time() - t0
+    assert rc == EXIT_PREEMPTED, context + "\n" + r.tail()
+    err = r.stderr()
+    assert "SIGTERM" in err and "--resume auto" in err and str(tmp_path / "checkpoint.pth") in err, err
+    ck = load(tmp_path / "checkpoint.pth")
+    # Within one step: the checkpoint is at the step that was running when the signal came (or the one after, if
+    # the signal landed between that step's log line and its stop check).
+    assert ck["epoch"] == e and ck["next_step"] in (s, s + 1), (context, e, s, ck["epoch"], ck["next_step"])
+    assert not os.listdir(tmp_path) or not any(".tmp" in f for f in os.listdir(tmp_path))
+    print(f"{context}: exited {elapsed:.1f}s after the signal at step {ck['next_step']}")
+
+    r2 = run_to_end(argv, tmp_path)
+    assert f"epoch {e}, step {ck['next_step']}" in r2.stdout(), r2.tail()
+    assert_same_model(tmp_path, ref_out, context)
+    assert_same_log(tmp_path, ref_out)
+
+
+def test_torchrun_two_processes_sigkill_then_resume_is_bitwise_equal(tiny_stage1_files, data, reference_ddp,
+                                                                       tmp_path):
+    ref_out, n = reference_ddp
+    rng = random.Random(SEED + 2)
+    epoch = rng.choice([0, 1])
+    step = rng.randint(2, n - 2)  # after the epoch's first step-level checkpoint (--save_every_steps 1)
+    delay = rng.uniform(0.0, 0.3)
+    context = f"RESUME_TEST_SEED={SEED}: torchrun x2 SIGKILL after epoch {epoch} step {step}/{n} + {delay:.2f}s"
+    argv = flags(tiny_stage1_files, data, tmp_path, DDP_MODALITIES, DDP_EXTRA)
+
+    r = Run(argv, tmp_path, nproc=2)
+    r.wait_for_step(epoch, step)
+    time.sleep(delay)
+    r.signal(signal.SIGKILL)  # torchrun, both ranks and their loader workers at once: a dead node
+    r.wait()
+    ck = load(tmp_path / "checkpoint.pth")
+    assert ck["epoch"] == epoch and 0 < ck["next_step"] < n, context
+    assert len(ck["rng_ranks"]) == 2
+
+    run_to_end(argv, tmp_path, nproc=2)
+    assert_same_model(tmp_path, ref_out, context)
+    assert_same_log(tmp_path, ref_out)
+
+
+# ------------------------------------------------------------------------------ write failure, bad input
+
+def run_in_process(argv, capsys):
+    """main_train_stage2.main in this process (no loader workers); restores the signal handlers it installs."""
+    import main_train_stage2
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        code = main_train_stage2.main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stage1_files, data, tmp_path,
+                                                                       monkeypatch, capsys):
+    real_save = torch.save
+    saved = []
+
+    def flaky_save(obj, f, *a, **kw):
+        if len(saved) == 2:  # the third checkpoint write: some bytes, then the disk is full
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append({k: v.clone() for k, v in obj["model"].items()})
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    argv = flags(tiny_stage1_files, data, tmp_path, ("vision", "tactile"),
+                 ("--num_workers", "0", "--save_every_steps", "1", "--epochs", "1"))
+    code, out, err = run_in_process(argv, capsys)
+    target = str(tmp_path / "checkpoint.pth")
+    assert code == 1, (code, err)  # not 2: the input was fine, the write failed
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert target in lines[0] and "No space left on device" in lines[0], lines[0]
+    ck = load(target)  # the previous checkpoint is intact and loadable
+    assert ck["next_step"] == 2
+    assert all(torch.equal(ck["model"][k], v) for k, v in saved[-1].items())
+    assert not any(".tmp" in f for f in os.listdir(tmp_path)), os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "stage1"])
+def test_bad_checkpoint_at_resume_is_refused_in_one_line(kind, tiny_stage1_files, data, reference, tmp_path,
+                                                         capsys):
+    ref_out, _ = reference
+    path = str(tmp_path / "bad.pth")
+    if kind == "truncated":
+        with open(os.path.join(ref_out, "checkpoint.pth"), "rb") as f:
+            head = f.read(100)
+        with open(path, "wb") as f:
+            f.write(head)
+    elif kind == "foreign":
+        torch.save({"foo": 1}, path)
+    else:
+        path = tiny_stage1_files[0]  # a TVL Stage 1 encoder checkpoint is not a Stage 2 resume point
+    argv = flags(tiny_stage1_files, data, tmp_path / "out", ("vision", "tactile"), ("--num_workers", "0"))
+    argv[argv.index("--resume") + 1] = path
+    code, out, err = run_in_process(argv, capsys)
+    assert code == 2, (code, err)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and f"{path}: " in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "out" / "checkpoint.pth")
