@@ -151,7 +151,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------------ demo
 
-DEMO = dict(epochs=6, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=2, print_freq=5, nested_dropout_rate=0.5,
+DEMO = dict(epochs=8, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=2, print_freq=5, nested_dropout_rate=0.5,
             device="cpu")
 
 
