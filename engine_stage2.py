@@ -54,8 +54,10 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
                     state, writer=None, save_fn=None, stop_requested=lambda: False):
     """Trains one epoch from batch `start_step` (non-zero when resuming mid-epoch; `loader` already skips those).
 
-    state: {"global_step": optimizer steps so far} (updated in place).
+    state: {"global_step": optimizer steps so far, "partial": running sums of a mid-epoch checkpoint} (in place;
+    "partial" is refreshed before every save_fn call, so a resumed epoch logs the same averages).
     save_fn(epoch, next_step): writes the step-level checkpoint; called every `--save_every_steps` optimizer steps.
+    Logging happens every `--print_freq` optimizer steps, keyed by the global optimizer step.
     Returns (averages of the logged terms over the epoch, "done" | "stopped").
     """
     model.train()
@@ -64,8 +66,9 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
     register_module = model.register_module
     params = [p for p in register_module.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)  # nested dropout draws, reseeded from (seed, step, rank) each micro-step
-    sums, n_sums = {}, 0
-    epoch_sums, n_epoch = {}, 0
+    partial = state.pop("partial", None) if start_step else None
+    sums, n_sums = restore_sums(partial["window"] if partial else None, device)  # since the last log line
+    epoch_sums, n_epoch = restore_sums(partial["epoch"] if partial else None, device)  # since the epoch began
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     grad_norm = torch.zeros((), device=device)
     t_window, wait_window, samples_window = time.perf_counter(), 0.0, 0
@@ -111,7 +114,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
         bar.update(1)
 
         last = i + 1 == steps_per_epoch
-        if (i + 1) % args.print_freq == 0 or last:
+        if boundary and (state["global_step"] % args.print_freq == 0 or last):
             check_finite(first_bad)
             means = host_means(sums, n_sums)
             elapsed = time.perf_counter() - t_window
@@ -133,12 +136,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
             t_window, wait_window, samples_window = time.perf_counter(), 0.0, 0
 
         if boundary and not last:
-            if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
+            stop = dist.any_rank(stop_requested())
+            if stop or args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
                 check_finite(first_bad)
+                state["partial"] = {"window": snapshot_sums(sums, n_sums), "epoch": snapshot_sums(epoch_sums, n_epoch)}
                 save_fn(epoch, i + 1)
-            if dist.any_rank(stop_requested()):
-                check_finite(first_bad)
-                save_fn(epoch, i + 1)
+            if stop:
                 bar.close()
                 return host_means(epoch_sums, n_epoch), "stopped"
         t_wait = time.perf_counter()
@@ -161,6 +164,20 @@ def host_means(sums, n):
     keys = list(sums)
     values = dist.reduce_mean(torch.stack([torch.as_tensor(sums[k]).float() for k in keys])).cpu().tolist()
     return {k: v / n for k, v in zip(keys, values)}
+
+
+def snapshot_sums(sums, n):
+    """Running sums averaged over ranks, as host floats for a checkpoint (one collective)."""
+    keys = list(sums)
+    values = dist.reduce_mean(torch.stack([sums[k] for k in keys])).cpu().tolist() if keys else []
+    return {"sums": dict(zip(keys, values)), "n": n}
+
+
+def restore_sums(snapshot, device):
+    """Inverse of snapshot_sums. Every rank restarts from the rank average, which averages to the same value."""
+    if not snapshot:
+        return {}, 0
+    return {k: torch.tensor(v, device=device) for k, v in snapshot["sums"].items()}, snapshot["n"]
 
 
 def check_finite(first_bad):

@@ -29,8 +29,8 @@ from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
-from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, load_torch_file, rng_state,
-                              save_atomic, set_rng_state)
+from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, load_torch_file,
+                              remove_stale_temp_files, rng_state, save_atomic, set_rng_state)
 from util.misc import MODALITIES
 
 EXIT_BAD_INPUT = 2
@@ -180,8 +180,10 @@ def prepare_demo(args):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-def checkpoint_state(model, optimizer, scaler, args, stage1_fingerprint, epoch, next_step, global_step, best):
-    """Everything a resume needs; only what trains (the register module), never the frozen Stage 1."""
+def checkpoint_state(model, optimizer, scaler, args, stage1_fingerprint, epoch, next_step, global_step, best,
+                     partial=None):
+    """Everything a resume needs; only what trains (the register module), never the frozen Stage 1.
+    `partial`: the epoch's running loss sums at a mid-epoch save, so the resumed epoch logs the same averages."""
     return {
         "model": model.trainable_state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -194,6 +196,7 @@ def checkpoint_state(model, optimizer, scaler, args, stage1_fingerprint, epoch, 
         "rng": rng_state(),  # rank 0's
         "rng_ranks": dist.all_gather_object(rng_state()),  # every rank's (attention dropout draws differ per rank)
         "stage1_fingerprint": stage1_fingerprint,
+        "partial": partial,
     }
 
 
@@ -418,6 +421,7 @@ def run(args):
 
     if dist.is_main():
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_stale_temp_files(args.output_dir)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k != "device_obj"}, f, indent=2, default=str)
         print(f"{len(train_set)} train / {len(val_set)} val samples, {world_size} rank(s) on {device}, "
@@ -429,10 +433,12 @@ def run(args):
     trim_log(log_path, start_epoch)
     writer = open_writer(args, global_step + 1 if resume else 0)
     state = {"global_step": global_step}
+    if resume and start_step:
+        state["partial"] = ckpt.get("partial")
 
     def save(path_names, epoch, next_step):
         ckpt = checkpoint_state(model, optimizer, scaler, args, stage1.fingerprint, epoch, next_step,
-                                state["global_step"], best)
+                                state["global_step"], best, state.pop("partial", None))
         error = None
         if dist.is_main():
             if writer is not None:
@@ -461,11 +467,7 @@ def run(args):
             model, criterion, train_loader, optimizer, scaler, epoch, start_step, steps_per_epoch, args, state,
             writer, save_fn=lambda e, s: save(["checkpoint.pth"], e, s), stop_requested=stop)
         if status == "stopped":
-            if writer is not None:
-                writer.close()
-            name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
-            raise Preempted(f"caught {name} at epoch {epoch} step {state['global_step']}: wrote "
-                            f"{os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
+            raise preempted(stop, writer, epoch, state, args)
         start_step = 0
         metrics, artifacts = evaluate(model, val_loader, args)
         after = metrics
@@ -482,6 +484,8 @@ def run(args):
         if args.save_every and (epoch + 1) % args.save_every == 0:
             names.append(f"checkpoint-{epoch}.pth")
         save(names, epoch, steps_per_epoch)
+        if epoch + 1 < args.epochs and dist.any_rank(stop()):  # signalled in the epoch's last step or its eval
+            raise preempted(stop, writer, epoch, state, args)
 
     if writer is not None:
         writer.close()
@@ -492,6 +496,15 @@ def run(args):
 
 class Preempted(Exception):
     pass
+
+
+def preempted(stop, writer, epoch, state, args):
+    """The exception that ends a run stopped by a signal, once checkpoint.pth holds its state."""
+    if writer is not None:
+        writer.close()
+    name = signal.Signals(stop.signum).name if stop.signum else "a stop request on another rank"
+    return Preempted(f"caught {name} at epoch {epoch} step {state['global_step']}: wrote "
+                     f"{os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
 
 
 def print_demo_summary(before, after):

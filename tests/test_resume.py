@@ -146,13 +146,17 @@ def read_log(out):
 
 
 def assert_same_log(out, ref_out):
-    """One line per epoch, none duplicated or dropped; the validation metrics of the resumed run are the reference's."""
+    """One line per epoch, none duplicated or dropped; the validation metrics of the resumed run are the reference's,
+    and so are the epoch's training averages (the running sums travel in the mid-epoch checkpoint; under DDP they
+    are restored as the rank average, which changes float rounding only)."""
     got, ref = read_log(out), read_log(ref_out)
     assert [ln["epoch"] for ln in got] == [ln["epoch"] for ln in ref] == [0, 1]
     for g, r in zip(got, ref):
         assert g["global_step"] == r["global_step"]
         assert {k: v for k, v in g.items() if k.startswith("val_")} == {k: v for k, v in r.items()
                                                                            if k.startswith("val_")}
+        for k in ("train_loss", "train_contrastive", "train_comp_l2", "train_logit_scale"):
+            assert g[k] == pytest.approx(r[k], rel=1e-6, abs=1e-7), k
 
 
 def scalars(out):

@@ -74,6 +74,15 @@ def save_atomic(obj, path):
         raise
 
 
+def remove_stale_temp_files(folder):
+    """Temp files of writes that a kill -9 interrupted (never the live ones: those end in this pid)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".pth.tmp." in name and not name.endswith(f".tmp.{os.getpid()}"):
+            os.remove(os.path.join(folder, name))
+
+
 def append_line(path, line):
     """Append one text line with a single write + fsync, so a crash never leaves half a line."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
