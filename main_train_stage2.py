@@ -79,7 +79,7 @@ def get_args_parser():
     g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint-<epoch>.pth every N epochs (0: off)")
     g.add_argument("--save_every_steps", default=0, type=int,
                    help="write checkpoint.pth every N optimizer steps mid-epoch too (0: only at epoch ends)")
-    g.add_argument("--print_freq", default=20, type=positive_int, help="log to TensorBoard every N steps")
+    g.add_argument("--print_freq", default=20, type=positive_int, help="log (TensorBoard, stdout) every N optimizer steps")
     g.add_argument("--feature_cache", default=None,
                    help="train and evaluate from this cache_features.py folder: no encoder forward, no image decoding")
 
@@ -139,7 +139,7 @@ def parse_args(argv=None):
         parser.error("--eval_only needs --resume PATH (or auto)")
     if args.demo:
         apply_demo_defaults(args, parser)
-    elif args.stage1_checkpoint is None and not getattr(args, "feature_cache", None):
+    elif args.stage1_checkpoint is None:  # also with --feature_cache: its fingerprint must match the cache's
         parser.error("--stage1_checkpoint is required (or use --demo)")
     if args.precision is None:
         args.precision = "amp_bf16" if args.device.startswith("cuda") else "fp32"
