@@ -211,16 +211,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    code = 0
-    try:
-        run(args)
-    except (Stage1Error, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    finally:
-        dist.cleanup()
-    return code
+    return dist.run_entry_point(run, parse_args(argv), [((Stage1Error, DataError), 2, "error")])
 
 
 if __name__ == "__main__":

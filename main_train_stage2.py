@@ -129,7 +129,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(set(args.active_modality_names)) < 2:
         parser.error("--active_modality_names: need two or more distinct modalities")
-    if args.num_overlapping_tokens >= args.num_register_tokens + (args.num_register_tokens == 1):
+    if args.num_overlapping_tokens >= args.num_register_tokens:
         parser.error(f"--num_overlapping_tokens ({args.num_overlapping_tokens}) must be < --num_register_tokens "
                      f"({args.num_register_tokens}): the rest are the complementary tokens")
     if args.register_width % args.register_heads:
@@ -520,25 +520,12 @@ def print_demo_summary(before, after):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    code = 0
-    try:
-        run(args)
-    except CheckpointWriteError as e:  # the input was fine; the previous checkpoint.pth is intact
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 1
-    except (Stage1Error, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_BAD_INPUT
-    except Preempted as e:
-        print(e, file=sys.stderr, flush=True)
-        code = EXIT_PREEMPTED
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 1
-    finally:
-        dist.cleanup()
-    return code
+    return dist.run_entry_point(run, parse_args(argv), [
+        (CheckpointWriteError, 1, "error"),  # the input was fine; the previous checkpoint.pth is intact
+        ((Stage1Error, DataError, CheckpointError), EXIT_BAD_INPUT, "error"),
+        (Preempted, EXIT_PREEMPTED, "stopped"),
+        (NonFiniteLoss, 1, "error"),
+    ])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """torchrun / DDP helpers. One process per device; a single process is world size 1 (no process group)."""
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -98,3 +99,23 @@ def reduce_mean(t):
 def cleanup():
     if is_dist():
         dist.destroy_process_group()
+
+
+def run_entry_point(run, args, outcomes):
+    """Runs `run(args)` for a torchrun entry point and returns the process exit code.
+
+    outcomes: [(exception types, exit code, label)], first match wins. Such an exception is an expected end (bad
+    input, a stop signal, a failed write): print "<label>: <message>" on one line instead of a traceback. The process
+    group is always torn down.
+    """
+    try:
+        run(args)
+        return 0
+    except Exception as e:
+        for types, code, label in outcomes:
+            if isinstance(e, types):
+                print(f"{label}: {e}", file=sys.stderr, flush=True)
+                return code
+        raise
+    finally:
+        cleanup()
