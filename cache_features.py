@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 import util.dist as dist
 from data_stage2 import (CACHE_FORMAT, DataError, add_data_args, build_dataset, cache_data_flags)
@@ -103,6 +103,33 @@ def check_plan(old, plan, path):
                         f"rerun with the same flags to complete it, or use another --output")
 
 
+class ShardKeys(torch.utils.data.Sampler):
+    """(view, index) keys of samples [lo, hi), set before each pass. Sampling runs in the main process, so one
+    persistent loader per dataset serves every shard and view: workers are forked once (main_train_stage2's
+    make_loader says why that matters)."""
+
+    def __init__(self):
+        self.view, self.lo, self.hi = 0, 0, 0
+
+    def __iter__(self):
+        return iter([(self.view, i) for i in range(self.lo, self.hi)])
+
+    def __len__(self):
+        return self.hi - self.lo
+
+
+def make_loaders(args, device, datasets):
+    """{view kind: (DataLoader, ShardKeys)} for the plain and the augmented dataset."""
+    loaders = {}
+    for name, ds in datasets.items():
+        if ds is not None:
+            keys = ShardKeys()
+            loaders[name] = (DataLoader(ds, batch_size=args.batch_size, sampler=keys, num_workers=args.num_workers,
+                                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0),
+                             keys)
+    return loaders
+
+
 def cache_split(args, stage1, split, device):
     """Caches one split: this rank's missing shards, then (rank 0, after a barrier) meta.json."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -127,11 +154,12 @@ def cache_split(args, stage1, split, device):
     dist.barrier()
 
     t0, done, skipped = time.time(), 0, 0
+    loaders = make_loaders(args, device, {"plain": plain, "aug": aug})
     for k in range(rank, plan["num_shards"], world):
         if os.path.isdir(os.path.join(out, f"shard_{k:05d}")):
             skipped += 1  # renamed into place only once complete
             continue
-        write_shard(args, stage1, plain, aug, plan, out, k, device)
+        write_shard(args, stage1, loaders, plan, out, k, device)
         done += 1
     print(f"cache: rank {rank}: {split}: wrote {done} shard(s), skipped {skipped} finished one(s) "
           f"in {time.time() - t0:.1f}s", flush=True)
@@ -158,7 +186,7 @@ def array_specs(folder):
     return specs
 
 
-def write_shard(args, stage1, plain, aug, plan, out, k, device):
+def write_shard(args, stage1, loaders, plan, out, k, device):
     """Samples [lo, hi) for every view into a temporary folder, fsync'ed, then renamed to shard_<k>."""
     lo, hi = k * plan["shard_size"], min(plan["num_samples"], (k + 1) * plan["shard_size"])
     final, tmp = os.path.join(out, f"shard_{k:05d}"), os.path.join(out, f".tmp_shard_{k:05d}")
@@ -178,10 +206,8 @@ def write_shard(args, stage1, plain, aug, plan, out, k, device):
         arrays[name][v, rows] = x.numpy()
 
     for v in range(plan["views"]):
-        ds = plain if v == 0 else aug
-        ds.set_epoch(v)
-        loader = DataLoader(Subset(ds, range(lo, hi)), batch_size=args.batch_size, num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda")
+        loader, keys = loaders["plain" if v == 0 else "aug"]
+        keys.view, keys.lo, keys.hi = v, lo, hi  # view v = the training augmentation of epoch v
         for batch in loader:
             rows = (batch.pop("index") - lo).numpy()
             with autocast(device, args.precision):

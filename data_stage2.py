@@ -14,11 +14,11 @@ the dataset is SSVTP's items followed by HCT's.
 
 Randomness. Every random choice of an item (flips, jitter factors, blur sigma, rotation, caption
 subset, order and synonyms) is drawn from generators seeded by `item_seed(seed, epoch, index, stream)`,
-a splitmix64 mix of the run seed, the epoch (`set_epoch`), the dataset index and the modality stream:
-never from the global RNGs. So the inputs of a run do not depend on the number of DataLoader workers,
-on the world size, on how many samples were drawn before, or on resumption. The DataLoader copies the
-dataset into its workers when an epoch's iterator is created, so call `set_epoch` before iterating and
-do not use `persistent_workers=True` (the workers would keep the old epoch).
+a splitmix64 mix of the run seed, the epoch, the dataset index and the modality stream: never from the
+global RNGs. So the inputs of a run do not depend on the number of DataLoader workers, on the world size,
+on how many samples were drawn before, or on resumption. The epoch comes with the key: `ds[(epoch, i)]`
+(what main_train_stage2's sampler yields, so persistent DataLoader workers need no per-epoch state), or
+`ds[i]` for the epoch of the last `set_epoch`.
 
 Deviations from the TVL reference reader, each on purpose:
 - Missing files and undecodable images are errors naming the file; `--skip_bad_samples` drops them at
@@ -94,6 +94,11 @@ def _splitmix64(z):
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
+
+
+def epoch_and_index(key, epoch):
+    """A dataset key is (epoch, index), or an index meaning (the dataset's set_epoch epoch, index)."""
+    return key if isinstance(key, tuple) else (epoch, key)
 
 
 def item_seed(seed, epoch, index, stream=0):
@@ -422,34 +427,35 @@ class TVLDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = epoch_and_index(key, self.epoch)
         if not self.skip_bad_samples:
-            return self._load(index)
+            return self._load(index, epoch)
         for k in range(len(self)):  # replace an undecodable sample by the next loadable one, deterministically
             j = (index + k) % len(self)
             try:
-                return self._load(j)
+                return self._load(j, epoch)
             except DataError as e:
                 if str(e) not in self._warned:
                     self._warned.add(str(e))
                     print(f"data: WARNING {e}; sample {j} replaced by the next loadable one (--skip_bad_samples)")
         raise DataError(f"no sample of {len(self)} could be loaded")
 
-    def _gen(self, index, modality):
-        s = item_seed(self.seed, self.epoch, index, STREAMS[modality])
+    def _gen(self, epoch, index, modality):
+        s = item_seed(self.seed, epoch, index, STREAMS[modality])
         return torch.Generator().manual_seed(s) if self.augment else None
 
-    def _load(self, index):
+    def _load(self, index, epoch):
         """The item with data from sample `index` ("index" says which sample the tensors came from)."""
         it = self.items[index]
         out = {}
         if "vision" in self.active:
-            out["vision"] = vision_transform(load_image(it["vision"]), it["crop_top"], self._gen(index, "vision"))
+            out["vision"] = vision_transform(load_image(it["vision"]), it["crop_top"], self._gen(epoch, index, "vision"))
         if "tactile" in self.active:
-            out["tactile"] = tactile_transform(load_image(it["tactile"]), self._gen(index, "tactile"))
+            out["tactile"] = tactile_transform(load_image(it["tactile"]), self._gen(epoch, index, "tactile"))
         if "text" in self.active:
             if self.augment:
-                rng = random.Random(item_seed(self.seed, self.epoch, index, STREAMS["text"]))
+                rng = random.Random(item_seed(self.seed, epoch, index, STREAMS["text"]))
                 syn = self.synonyms.get(it["id"].split("/")[0])
                 text = make_caption(it["adjs"], self.prompt, rng, self.shuffle_text, syn)
             else:
@@ -583,10 +589,11 @@ class CachedFeatureDataset(Dataset):
     def __len__(self):
         return len(self.sample_ids)
 
-    def view(self, index):
+    def view(self, index, epoch=None):
         if not self.augment or self.num_views == 1:
             return 0
-        return 1 + item_seed(self.seed, self.epoch, index, CACHE_VIEW_STREAM) % (self.num_views - 1)
+        epoch = self.epoch if epoch is None else epoch
+        return 1 + item_seed(self.seed, epoch, index, CACHE_VIEW_STREAM) % (self.num_views - 1)
 
     def _shard(self, k):
         if k not in self._shards:
@@ -596,9 +603,10 @@ class CachedFeatureDataset(Dataset):
             self._shards[k] = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in names}
         return self._shards[k]
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = epoch_and_index(key, self.epoch)
         k, j = divmod(index, self.shard_size)
-        a, v = self._shard(k), self.view(index)
+        a, v = self._shard(k), self.view(index, epoch)
         out = {"tokens": {m: torch.from_numpy(np.array(a[f"{m}_tokens"][v, j])) for m in self.active},
                "global": {m: torch.from_numpy(np.array(a[f"{m}_global"][v, j])) for m in self.active}}
         if "text" in self.active:

@@ -85,7 +85,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
         boundary = (i + 1) % args.accum_iter == 0 or i + 1 == steps_per_epoch
         if i % args.accum_iter == 0:
             lr = adjust_learning_rate(optimizer, epoch_f, args)
-            register_module_unwrapped(model).nested_dropout_rate = nested_dropout_rate_at(
+            model.unwrapped_register_module.nested_dropout_rate = nested_dropout_rate_at(
                 epoch_f, args.nested_dropout_rate, args.nested_dropout_ramp_epochs)
 
         batch = to_device(batch, device)
@@ -120,7 +120,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
             elapsed = time.perf_counter() - t_window
             means.update(lr=lr, samples_per_s=samples_window / elapsed, data_wait_frac=wait_window / elapsed,
                          max_mem_mb=max_memory_mb(device), nested_dropout_rate=
-                         register_module_unwrapped(model).nested_dropout_rate)
+                         model.unwrapped_register_module.nested_dropout_rate)
             if writer is not None:
                 for k, v in means.items():
                     writer.add_scalar(f"train/{k}", v, state["global_step"])
@@ -147,11 +147,6 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
         t_wait = time.perf_counter()
     bar.close()
     return host_means(epoch_sums, n_epoch), "done"
-
-
-def register_module_unwrapped(model):
-    m = model.register_module
-    return m.module if hasattr(m, "module") else m
 
 
 def host_means(sums, n):

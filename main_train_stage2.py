@@ -217,7 +217,7 @@ def load_resume(path, model, optimizer, scaler, stage1_fingerprint):
     if ckpt["stage1_fingerprint"] != stage1_fingerprint:
         raise CheckpointError(f"{path}: was trained on another Stage 1 (fingerprint {ckpt['stage1_fingerprint'][:12]}"
                               f" != {stage1_fingerprint[:12]} of --stage1_checkpoint/--clip_pretrained); refusing")
-    module = getattr(model.register_module, "module", model.register_module)
+    module = model.unwrapped_register_module
     own = module.state_dict()
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt["model"].items()
            if k in own and v.shape != own[k].shape]
@@ -246,29 +246,23 @@ def param_groups(module, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class SkipSampler(torch.utils.data.Sampler):
-    """DistributedSampler whose first `skip` indices of this epoch are left out (mid-epoch resume)."""
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's DistributedSampler order of an epoch as (epoch, index) keys, minus the first `skip` of them
+    (mid-epoch resume). The epoch travels with each key, so persistent loader workers (forked once per run)
+    augment for the right epoch: data_stage2's datasets take (epoch, index) keys."""
 
     def __init__(self, sampler):
-        self.sampler, self.skip = sampler, 0
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
 
     def set_epoch(self, epoch, skip=0):
         self.sampler.set_epoch(epoch)
-        self.skip = skip
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
+        return iter([(self.epoch, i) for i in list(self.sampler)[self.skip:]])
 
     def __len__(self):
         return len(self.sampler) - self.skip
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader worker_init_fn. Schedulers signal the whole process group; torch's worker SIGTERM handler would
-    kill the worker mid-batch and take the run down before the main process could save. The main process alone
-    acts on SIGTERM/SIGUSR1 (workers still exit when it does: the loader shuts them down or they see it gone)."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
 
 
 def make_loader(dataset, args, train):
@@ -276,10 +270,13 @@ def make_loader(dataset, args, train):
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=args.seed,
                                  drop_last=train)
     # An explicit generator: the loader must not draw from the global RNG, which a resumed run restores.
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=SkipSampler(sampler) if train else sampler,
+    # Persistent workers: forked once per run, not once per epoch. Besides the start-up time this saves, forking
+    # while the last epoch's queue feeder threads are still exiting can deadlock the child in CPython 3.11's
+    # after-fork cleanup (seen on a 2-rank CPU run).
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(sampler) if train else sampler,
                       num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
-                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=False,
-                      worker_init_fn=ignore_stop_signals)
+                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.num_workers > 0,
+                      worker_init_fn=dist.ignore_stop_signals)
 
 
 def build_split(args, split, stage1):
@@ -354,115 +351,150 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def run(args):
+def setup(args):
+    """One process group, this rank's device, the absolute lr, the demo inputs, rank-offset seeds."""
     rank, world_size, _, device = dist.init_distributed(args.device)
-    args.device_obj = device
-    args.world_size = world_size
+    args.device_obj, args.world_size = device, world_size
     args.log_dir = args.log_dir or args.output_dir
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
     if args.demo:
         prepare_demo(args)
     seed_everything(args.seed + rank)
-    stop = StopFlag()
-    stop.install()
 
-    stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
-                          active_modalities=args.active_modality_names)
-    model = build_model(args, stage1)
-    # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
-    (model.register_module if args.feature_cache else model).to(device)
-    criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
-                           args.complementary_recon_weight)
-    val_set = build_split(args, "val", stage1)
-    val_loader = make_loader(val_set, args, train=False)
 
-    optimizer = torch.optim.AdamW(param_groups(model.register_module, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp_fp16")
-    resume = resolve_resume(args)
-    start_epoch, start_step, global_step, best = 0, 0, 0, -1.0
-    if resume:
-        ckpt = load_resume(resume, model, optimizer, scaler, stage1.fingerprint)
-        start_epoch, start_step, global_step = ckpt["epoch"], ckpt["next_step"], ckpt["global_step"]
-        best = ckpt.get("best_val_mean_r1", -1.0)
-        ranks = ckpt.get("rng_ranks") or []
-        set_rng_state(ranks[rank] if len(ranks) == world_size else ckpt["rng"])
-        if dist.is_main():
-            print(f"resumed from {resume}: epoch {start_epoch}, step {start_step}, best val_mean_r1 {best:.2f}")
+def resume_position(path, model, optimizer, scaler, stage1_fingerprint):
+    """Loads `path` (see load_resume), restores this rank's RNG states and returns where training continues:
+    {"epoch", "next_step", "global_step", "best", "partial"}."""
+    ckpt = load_resume(path, model, optimizer, scaler, stage1_fingerprint)
+    ranks = ckpt.get("rng_ranks") or []  # per rank; rank 0's alone when the world size changed
+    set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
+    pos = {"epoch": ckpt["epoch"], "next_step": ckpt["next_step"], "global_step": ckpt["global_step"],
+           "best": ckpt.get("best_val_mean_r1", -1.0), "partial": ckpt.get("partial")}
+    if dist.is_main():
+        print(f"resumed from {path}: epoch {pos['epoch']}, step {pos['next_step']}, best val_mean_r1 "
+              f"{pos['best']:.2f}")
+    return pos
 
-    if args.eval_only:
-        metrics, artifacts = evaluate(model, val_loader, args)
-        print_metrics(f"eval ({resume})", metrics)
-        if dist.is_main():
-            os.makedirs(args.output_dir, exist_ok=True)
-            append_line(os.path.join(args.output_dir, "log.txt"),
-                        json.dumps({"epoch": start_epoch, "eval_only": True, "checkpoint": resume, **metrics}))
-            writer = open_writer(args, None)
-            log_eval(writer, metrics, artifacts, global_step)
-            writer.close()
-        return metrics
 
-    train_set = build_split(args, "train", stage1)
-    train_loader = make_loader(train_set, args, train=True)
-    steps_per_epoch = len(train_loader.sampler) // args.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"--batch_size {args.batch_size} x {world_size} rank(s) is larger than the training split "
-                        f"({len(train_set)} samples)")
-    if resume and start_step >= steps_per_epoch:
-        start_epoch, start_step = start_epoch + 1, 0
+def eval_only(model, val_loader, args, resume, pos):
+    """--eval_only: metrics printed, appended to log.txt and TensorBoard; no checkpoint is written."""
+    metrics, artifacts = evaluate(model, val_loader, args)
+    print_metrics(f"eval ({resume})", metrics)
+    if dist.is_main():
+        os.makedirs(args.output_dir, exist_ok=True)
+        append_line(os.path.join(args.output_dir, "log.txt"),
+                    json.dumps({"epoch": pos["epoch"], "eval_only": True, "checkpoint": resume, **metrics}))
+        writer = open_writer(args, None)
+        log_eval(writer, metrics, artifacts, pos["global_step"])
+        writer.close()
+    return metrics
 
-    ddp_module = model.register_module
+
+def wrap_for_training(model, args):
+    """Compiles (in place, so state dict keys and attributes stay those of the module) and DDP-wraps only the
+    register module: the frozen Stage 1 never receives gradients."""
     if args.compile:
-        ddp_module = torch.compile(ddp_module)
-    if world_size > 1:
-        ddp_module = DistributedDataParallel(ddp_module, device_ids=[device.index] if device.type == "cuda" else None)
-    model.register_module = ddp_module
+        model.register_module.compile()
+    if args.world_size > 1:
+        device = args.device_obj
+        model.register_module = DistributedDataParallel(
+            model.register_module, device_ids=[device.index] if device.type == "cuda" else None)
 
+
+def start_output_dir(args, pos, resumed):
+    """args.json, stale temp files gone, log.txt and TensorBoard cut back to where this run starts.
+
+    output_dir describes this run: a resume drops what it will re-run, a fresh start drops an older run's lines
+    and (purge_step=0) its TensorBoard events. Events at the checkpoint's own global_step (its last train/ line, and
+    the val/ ones of an epoch-end checkpoint) were written before it and are not re-run: keep them (+1).
+    """
     if dist.is_main():
         os.makedirs(args.output_dir, exist_ok=True)
         remove_stale_temp_files(args.output_dir)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k != "device_obj"}, f, indent=2, default=str)
-        print(f"{len(train_set)} train / {len(val_set)} val samples, {world_size} rank(s) on {device}, "
-              f"{steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
-    # output_dir describes this run: a resume drops what it will re-run, a fresh start drops an older run's lines
-    # and (purge_step=0) its TensorBoard events. Events at the checkpoint's own global_step (its last train/ line,
-    # and the val/ ones of an epoch-end checkpoint) were written before it and are not re-run: keep them (+1).
-    log_path = os.path.join(args.output_dir, "log.txt")
-    trim_log(log_path, start_epoch)
-    writer = open_writer(args, global_step + 1 if resume else 0)
-    state = {"global_step": global_step}
-    if resume and start_step:
-        state["partial"] = ckpt.get("partial")
+        trim_log(os.path.join(args.output_dir, "log.txt"), pos["epoch"])
+    return open_writer(args, pos["global_step"] + 1 if resumed else 0)
 
-    def save(path_names, epoch, next_step):
+
+def write_checkpoint(ckpt, names, args, writer):
+    """Rank 0 writes `ckpt` under each name (atomically); every rank raises together if that failed."""
+    error = None
+    if dist.is_main():
+        if writer is not None:
+            writer.flush()  # TensorBoard up to this step survives a kill -9 (a resume purges only later steps)
+        try:
+            for name in names:
+                save_atomic(ckpt, os.path.join(args.output_dir, name))
+        except CheckpointWriteError as e:
+            error = e
+    # All ranks stop together when rank 0 could not write (instead of waiting forever in a barrier).
+    if dist.any_rank(error is not None):
+        raise error or CheckpointWriteError(f"{os.path.join(args.output_dir, names[0])}: rank 0 failed to write "
+                                            f"the checkpoint (see its error)")
+
+
+def epoch_log_line(epoch, train_stats, metrics, global_step, best, seconds):
+    return json.dumps({"epoch": epoch, "train_loss": train_stats.get("loss"), "global_step": global_step,
+                       **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **metrics,
+                       "best_val_mean_r1": best, "epoch_time_s": seconds})
+
+
+def run(args):
+    setup(args)
+    stop = StopFlag()
+    stop.install()
+    stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
+                          active_modalities=args.active_modality_names)
+    model = build_model(args, stage1)
+    # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
+    (model.register_module if args.feature_cache else model).to(args.device_obj)
+    criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
+                           args.complementary_recon_weight)
+    val_loader = make_loader(build_split(args, "val", stage1), args, train=False)
+    optimizer = torch.optim.AdamW(param_groups(model.register_module, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(args.device_obj.type, enabled=args.precision == "amp_fp16")
+
+    resume = resolve_resume(args)
+    pos = {"epoch": 0, "next_step": 0, "global_step": 0, "best": -1.0, "partial": None}
+    if resume:
+        pos = resume_position(resume, model, optimizer, scaler, stage1.fingerprint)
+    if args.eval_only:
+        return eval_only(model, val_loader, args, resume, pos)
+
+    train_set = build_split(args, "train", stage1)
+    train_loader = make_loader(train_set, args, train=True)
+    steps_per_epoch = len(train_loader.sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"--batch_size {args.batch_size} x {args.world_size} rank(s) is larger than the training "
+                        f"split ({len(train_set)} samples)")
+    if pos["next_step"] >= steps_per_epoch:  # resumed from an epoch-end checkpoint
+        pos.update(epoch=pos["epoch"] + 1, next_step=0, partial=None)
+    wrap_for_training(model, args)
+    if dist.is_main():
+        print(f"{len(train_set)} train / {len(val_loader.dataset)} val samples, {args.world_size} rank(s) on "
+              f"{args.device_obj}, {steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
+    writer = start_output_dir(args, pos, resumed=resume is not None)
+    state = {"global_step": pos["global_step"]}
+    if pos["next_step"]:
+        state["partial"] = pos["partial"]
+    best = pos["best"]
+
+    def save(names, epoch, next_step):
         ckpt = checkpoint_state(model, optimizer, scaler, args, stage1.fingerprint, epoch, next_step,
                                 state["global_step"], best, state.pop("partial", None))
-        error = None
-        if dist.is_main():
-            if writer is not None:
-                writer.flush()  # TensorBoard up to this step survives a kill -9 (a resume purges only later steps)
-            try:
-                for name in path_names:
-                    save_atomic(ckpt, os.path.join(args.output_dir, name))
-            except CheckpointWriteError as e:
-                error = e
-        # All ranks stop together when rank 0 could not write (instead of waiting forever in a barrier).
-        if dist.any_rank(error is not None):
-            raise error or CheckpointWriteError(f"{os.path.join(args.output_dir, path_names[0])}: rank 0 failed "
-                                                f"to write the checkpoint (see its error)")
+        write_checkpoint(ckpt, names, args, writer)
 
-    before = None
+    before = after = None
     if args.demo and not resume:
         before, _ = evaluate(model, val_loader, args)
         print_metrics("before training:", before)
-
-    after = None
-    for epoch in range(start_epoch, args.epochs):
+    start_step = pos["next_step"]
+    for epoch in range(pos["epoch"], args.epochs):
         t0 = time.time()
         train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
-        train_set.set_epoch(epoch)
         train_stats, status = train_one_epoch(
             model, criterion, train_loader, optimizer, scaler, epoch, start_step, steps_per_epoch, args, state,
             writer, save_fn=lambda e, s: save(["checkpoint.pth"], e, s), stop_requested=stop)
@@ -476,10 +508,9 @@ def run(args):
         best = max(best, metrics["val_mean_r1"])
         if dist.is_main():
             log_eval(writer, metrics, artifacts, state["global_step"])
-            line = {"epoch": epoch, "train_loss": train_stats.get("loss"), "global_step": state["global_step"],
-                    **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **metrics,
-                    "best_val_mean_r1": best, "epoch_time_s": time.time() - t0}
-            append_line(log_path, json.dumps(line))  # before the checkpoint: a resume re-runs (and trims) it
+            # before the checkpoint: a crash in between re-runs the epoch, and the resume trims this line
+            append_line(os.path.join(args.output_dir, "log.txt"),
+                        epoch_log_line(epoch, train_stats, metrics, state["global_step"], best, time.time() - t0))
         names = ["checkpoint.pth"] + (["checkpoint-best.pth"] if is_best else [])
         if args.save_every and (epoch + 1) % args.save_every == 0:
             names.append(f"checkpoint-{epoch}.pth")

@@ -158,14 +158,18 @@ class FluxTalk(nn.Module):
         self._modules["register_module"] = module
 
     def forward(self, batch, keep=None, generator=None):
-        # Batches from the feature cache already hold Stage 1's outputs; skip the encoders then.
-        feats = batch if "tokens" in batch else self.stage1(batch)
-        if "tokens" in batch:  # cached features are stored in float16; the register module computes in float32
-            feats = dict(feats, tokens={m: t.float() for m, t in feats["tokens"].items()})
+        if "tokens" in batch:  # a feature-cache batch already holds Stage 1's outputs (tokens stored in float16)
+            feats = dict(batch, tokens={m: t.float() for m, t in batch["tokens"].items()})
+        else:
+            feats = self.stage1(batch)
         out = self.register_module(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
         return out
 
+    @property
+    def unwrapped_register_module(self):
+        """The RegisterModule itself, also after the engine wrapped it in DDP."""
+        return getattr(self.register_module, "module", self.register_module)
+
     def trainable_state_dict(self):
-        module = getattr(self.register_module, "module", self.register_module)  # unwrap DDP
-        return module.state_dict()
+        return self.unwrapped_register_module.state_dict()

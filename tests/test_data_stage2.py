@@ -358,8 +358,7 @@ def test_training_text_uses_synonyms_for_ssvtp(synth, tok):
     i = next(i for i, f in enumerate(ds.factors) if f["material"] == 0)  # smooth, hard, cold
     tokens = set()
     for e in range(40):
-        ds.set_epoch(e)
-        tokens.add(tuple(ds._load(i)["text"].tolist()))
+        tokens.add(tuple(ds[(e, i)]["text"].tolist()))
     allowed = {tuple(tok([D.make_caption(w, ds.prompt)])[0].tolist())
                for w in _subset_variants(["smooth", "hard", "cold"], {"smooth": ["sleek", "even"], "hard": ["firm", "rigid"]})}
     assert tokens <= allowed and len(tokens) > 5
@@ -404,3 +403,14 @@ def test_dataloader_batches(synth, tok):
     # un-normalised deterministic inputs are images in [0, 1]
     x = only[0]["tactile"] * torch.tensor(D.TAC_STD)[:, None, None] + torch.tensor(D.TAC_MEAN)[:, None, None]
     assert x.min() > -1e-4 and x.max() < 1 + 1e-4
+
+
+def test_epoch_in_the_key_equals_set_epoch(synth, tok):
+    """Persistent loader workers get the epoch with each key: ds[(e, i)] is ds[i] after set_epoch(e)."""
+    ds = D.build_dataset(make_args(synth), "train", tok, ("vision", "tactile", "text"), seed=3)
+    for e in (0, 4):
+        keyed = ds[(e, 5)]
+        ds.set_epoch(e)
+        plain = ds[5]
+        assert all(torch.equal(keyed[m], plain[m]) for m in ("vision", "tactile", "text"))
+    assert not torch.equal(ds[(0, 5)]["vision"], ds[(4, 5)]["vision"])

@@ -1,5 +1,6 @@
 """torchrun / DDP helpers. One process per device; a single process is world size 1 (no process group)."""
 import os
+import signal
 import sys
 
 import torch
@@ -29,6 +30,14 @@ def init_distributed(device):
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
         _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return rank, world_size, local_rank, dev
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn. Schedulers signal the whole process group; torch's worker SIGTERM handler would
+    kill the worker mid-batch and take the run down before the main process could save. The main process alone
+    acts on SIGTERM/SIGUSR1 (workers still exit when it does: the loader shuts them down or they see it gone)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def is_dist():
