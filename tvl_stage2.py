@@ -162,6 +162,13 @@ class FluxTalk(nn.Module):
             feats = dict(batch, tokens={m: t.float() for m, t in batch["tokens"].items()})
         else:
             feats = self.stage1(batch)
+        module = self.unwrapped_register_module
+        if keep is None and self.training:
+            # Drawn here rather than inside the register module: its rate changes every step, which would make a
+            # torch.compile'd register module recompile every step.
+            B = next(iter(feats["tokens"].values())).shape[0]
+            keep = nested_dropout_mask(B, module.num_tokens, module.nested_dropout_rate, generator,
+                                       module.register_tokens.device)
         out = self.register_module(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
         return out
