@@ -4,7 +4,6 @@ Host syncs: the training loop keeps running sums of every logged value on the de
 `--print_freq` steps (and at checkpoints), so a GPU step is never stalled by logging. The one per-step host-side
 exchange is the preemption flag (`util.dist.any_rank`, a gloo message that does not wait for the GPU).
 """
-import math
 import resource
 import sys
 import time

@@ -31,7 +31,7 @@ from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
 from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, load_torch_file,
                               remove_stale_temp_files, rng_state, save_atomic, set_rng_state)
-from util.misc import MODALITIES
+from util.misc import MODALITIES, modality_pairs, pair_name
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. resume
@@ -320,10 +320,14 @@ def trim_log(path, start_epoch):
     os.replace(tmp, path)
 
 
-def print_metrics(title, metrics):
+def headline_keys(args):
+    """val_mean_r1, then each pair's mean Recall@1: the numbers a person reads first."""
+    return ["val_mean_r1"] + [f"val_{pair_name(a, b)}_r1" for a, b in modality_pairs(args.active_modality_names)]
+
+
+def print_metrics(title, metrics, args):
     if dist.is_main():
-        keys = sorted(k for k in metrics if k.endswith("_r1") and "prefix" not in k and "2" not in k.split("_")[-2])
-        print(title + "  " + "  ".join(f"{k[4:]}={metrics[k]:.2f}" for k in keys), flush=True)
+        print(title + "  " + "  ".join(f"{k[4:]}={metrics[k]:.2f}" for k in headline_keys(args)), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -380,7 +384,7 @@ def resume_position(path, model, optimizer, scaler, stage1_fingerprint):
 def eval_only(model, val_loader, args, resume, pos):
     """--eval_only: metrics printed, appended to log.txt and TensorBoard; no checkpoint is written."""
     metrics, artifacts = evaluate(model, val_loader, args)
-    print_metrics(f"eval ({resume})", metrics)
+    print_metrics(f"eval ({resume})", metrics, args)
     if dist.is_main():
         os.makedirs(args.output_dir, exist_ok=True)
         append_line(os.path.join(args.output_dir, "log.txt"),
@@ -490,7 +494,7 @@ def run(args):
     before = after = None
     if args.demo and not resume:
         before, _ = evaluate(model, val_loader, args)
-        print_metrics("before training:", before)
+        print_metrics("before training:", before, args)
     start_step = pos["next_step"]
     for epoch in range(pos["epoch"], args.epochs):
         t0 = time.time()
@@ -503,7 +507,7 @@ def run(args):
         start_step = 0
         metrics, artifacts = evaluate(model, val_loader, args)
         after = metrics
-        print_metrics(f"epoch {epoch}:", metrics)
+        print_metrics(f"epoch {epoch}:", metrics, args)
         is_best = metrics["val_mean_r1"] > best
         best = max(best, metrics["val_mean_r1"])
         if dist.is_main():
@@ -521,7 +525,7 @@ def run(args):
     if writer is not None:
         writer.close()
     if args.demo and dist.is_main() and after is not None:
-        print_demo_summary(before, after)
+        print_demo_summary(before, after, args)
     return after
 
 
@@ -538,11 +542,9 @@ def preempted(stop, writer, epoch, state, args):
                      f"{os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
 
 
-def print_demo_summary(before, after):
-    keys = ["val_mean_r1"] + sorted(k for k in after if k.endswith("_r1") and k != "val_mean_r1"
-                                    and "prefix" not in k and k.count("2") == 0)
+def print_demo_summary(before, after, args):
     print(f"\n{'metric':<32}{'before':>10}{'after':>10}")
-    for k in keys:
+    for k in headline_keys(args):
         b = before.get(k, float("nan")) if before else float("nan")
         print(f"{k:<32}{b:>10.2f}{after[k]:>10.2f}")
     chance = 100.0 / after["val_num_samples"]
