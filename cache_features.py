@@ -33,6 +33,7 @@ import util.dist as dist
 from data_stage2 import (CACHE_FORMAT, DataError, add_data_args, build_dataset, cache_data_flags)
 from engine_stage2 import autocast, to_device
 from stage1 import Stage1Error, add_stage1_args, build_stage1
+from util.checkpoint import atomic_write, fsync_dir
 from util.misc import MODALITIES
 
 # What makes two caches of a split hold the same thing; a rerun into an unfinished cache must agree on all of it.
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.cache_views < 0 or args.shard_size < 1 or args.batch_size < 1:
         parser.error("--cache_views must be >= 0, --shard_size and --batch_size >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here (use --device cpu)")
     if args.precision is None:
         args.precision = "amp_bf16" if args.device.startswith("cuda") else "fp32"
     args.active_modality_names = sorted(set(args.active_modality_names), key=MODALITIES.index)
@@ -70,21 +73,7 @@ def parse_args(argv=None):
 
 
 def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
 def make_plan(args, split, stage1, plain):

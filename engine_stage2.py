@@ -218,7 +218,8 @@ def evaluate(model, loader, args):
     """Cross-modal retrieval over the whole split (DESIGN.md, Evaluation).
 
     Returns (metrics {name: float, percent}, artifacts {"sim": {pair: (N, N)}, "prefix": {pair: [r1_k]}}).
-    metrics holds, per pair a_b and direction q->g: val_<a>_<b>_<q>2<g>_r1 / _r5 / _text_acc, the pair's mean
+    metrics holds, per pair a_b and direction q->g (full modality names, e.g. val_tactile_text_text2tactile_r1):
+    val_<a>_<b>_<q>2<g>_r1 / _r5 / _text_acc, the pair's mean
     val_<a>_<b>_r1, the prefix curve val_<a>_<b>_prefix<k>_r1, and val_mean_r1 (mean Recall@1 over pairs and
     directions, which selects the best checkpoint).
     """
@@ -233,7 +234,7 @@ def evaluate(model, loader, args):
         sims[name] = sim
         pair_r1 = []
         for q, g, s in ((a, b, sim), (b, a, sim.T)):
-            tag = f"val_{name}_{q[:1]}2{g[:1]}"
+            tag = f"val_{name}_{q}2{g}"  # full names: tactile and text share a first letter
             rec = recall_at_k(s, ks=(1, 5))
             metrics[f"{tag}_r1"], metrics[f"{tag}_r5"] = rec[1], rec[5]
             if text_global is not None:

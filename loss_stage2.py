@@ -5,49 +5,24 @@ and whose gradient, averaged by DDP, equals the single-process gradient (gather 
 against all columns, masked means normalised by global counts).
 """
 import torch
-import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.dist import all_gather_cat, all_reduce_sum, get_rank, get_world_size
 from util.misc import modality_pairs, pair_name
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def gather_with_grad(x):
     """(B, ...) on every rank -> (world * B, ...), rank order; gradients flow back to each rank's slice."""
-    if _world()[0] == 1:
+    if get_world_size() == 1:
         return x
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def _gather_no_grad(x):
-    """(B, ...) -> (world * B, ...) for tensors that need no gradient (masks)."""
-    world = _world()[0]
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def _global_sum(x):
-    """Sum of a count over ranks (no gradient needed)."""
-    if _world()[0] > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
 def contrastive_loss(z_a, z_b, logit_scale):
     """Symmetric CLIP loss on L2-normalised (B, E) features; equal to open_clip ClipLoss in one process."""
-    world, rank = _world()
-    labels = torch.arange(z_a.shape[0], device=z_a.device) + rank * z_a.shape[0]  # equal local batches
+    labels = torch.arange(z_a.shape[0], device=z_a.device) + get_rank() * z_a.shape[0]  # equal local batches
     loss_ab = F.cross_entropy(logit_scale * z_a @ gather_with_grad(z_b).T, labels)  # local rows of a->b
     loss_ba = F.cross_entropy(logit_scale * z_b @ gather_with_grad(z_a).T, labels)  # local rows of b->a
     return (loss_ab + loss_ba) / 2
@@ -67,7 +42,7 @@ def complementary_terms(comp, keep, shared):
     term is exactly 0 when nothing is kept anywhere. `shared` is detached: the terms steer only the
     complementary tokens, the shared embedding answers to the contrastive loss alone.
     """
-    world, rank = _world()
+    world, rank = get_world_size(), get_rank()
     B, J, _ = comp.shape
     flat = comp.reshape(B * J, comp.shape[-1])
     mask = keep.reshape(B * J)
@@ -76,16 +51,16 @@ def complementary_terms(comp, keep, shared):
     zero = flat.new_zeros(())
     unit = F.normalize(flat, dim=-1)
     # L2 and cosine with the sample's own shared embedding: means over kept tokens
-    n_kept = _global_sum(mask.sum()).clamp(min=1)
+    n_kept = all_reduce_sum(mask.sum()).clamp(min=1)
     sq_norm = torch.where(mask, flat.pow(2).sum(-1), zero)
     cos_shared = (unit * F.normalize(shared.detach(), dim=-1).repeat_interleave(J, dim=0)).sum(-1)
     cos_shared = torch.where(mask, cos_shared.pow(2), zero)
     l2 = world * sq_norm.sum() / n_kept
     div_shared = world * cos_shared.sum() / n_kept
     # cosine between different samples' tokens: local kept rows against all kept columns of other samples
-    all_unit, all_mask = gather_with_grad(unit), _gather_no_grad(mask.to(torch.uint8)).bool()  # gloo: no bool
+    all_unit, all_mask = gather_with_grad(unit), all_gather_cat(mask.to(torch.uint8)).bool()  # gloo: no bool
     pairs = mask[:, None] & all_mask[None, :] & (sample[:, None] != all_sample[None, :])  # (B*J, W*B*J)
-    n_pairs = _global_sum(pairs.sum()).clamp(min=1)
+    n_pairs = all_reduce_sum(pairs.sum()).clamp(min=1)
     div_cross = world * torch.where(pairs, (unit @ all_unit.T).pow(2), zero).sum() / n_pairs
     return l2, div_shared + div_cross
 

@@ -29,7 +29,7 @@ from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
-from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, load_torch_file,
+from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, atomic_write, load_torch_file,
                               remove_stale_temp_files, rng_state, save_atomic, set_rng_state)
 from util.misc import MODALITIES, modality_pairs, pair_name
 
@@ -137,6 +137,8 @@ def parse_args(argv=None):
                      f"({args.register_heads})")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here (use --device cpu)")
     if args.demo:
         apply_demo_defaults(args, parser)
     elif args.stage1_checkpoint is None:  # also with --feature_cache: its fingerprint must match the cache's
@@ -210,7 +212,7 @@ def resolve_resume(args):
 def load_resume(path, model, optimizer, scaler, stage1_fingerprint):
     """Loads a checkpoint into model/optimizer/scaler; refuses another Stage 1 or another model shape."""
     ckpt = load_torch_file(path, flag="--resume")
-    missing = [k for k in ("model", "optimizer", "epoch", "next_step", "stage1_fingerprint") if
+    missing = [k for k in ("model", "optimizer", "epoch", "next_step", "global_step", "args", "stage1_fingerprint") if
                not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not a FluxTalk Stage 2 checkpoint (missing key(s) {', '.join(missing)})")
@@ -312,12 +314,7 @@ def trim_log(path, start_epoch):
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.writelines(lines), mode="w")
 
 
 def headline_keys(args):
@@ -374,7 +371,8 @@ def resume_position(path, model, optimizer, scaler, stage1_fingerprint):
     ranks = ckpt.get("rng_ranks") or []  # per rank; rank 0's alone when the world size changed
     set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
     pos = {"epoch": ckpt["epoch"], "next_step": ckpt["next_step"], "global_step": ckpt["global_step"],
-           "best": ckpt.get("best_val_mean_r1", -1.0), "partial": ckpt.get("partial")}
+           "best": ckpt.get("best_val_mean_r1", -1.0), "partial": ckpt.get("partial"),
+           "layout": (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size"))}
     if dist.is_main():
         print(f"resumed from {path}: epoch {pos['epoch']}, step {pos['next_step']}, best val_mean_r1 "
               f"{pos['best']:.2f}")
@@ -465,6 +463,12 @@ def run(args):
     pos = {"epoch": 0, "next_step": 0, "global_step": 0, "best": -1.0, "partial": None}
     if resume:
         pos = resume_position(resume, model, optimizer, scaler, stage1.fingerprint)
+    elif args.eval_only:
+        raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {args.output_dir}")
+    elif os.path.isfile(os.path.join(args.output_dir, "checkpoint.pth")) and not args.demo:
+        # never overwrite another run's checkpoints and logs by accident (the demo always starts over)
+        raise CheckpointError(f"--output_dir {args.output_dir} already holds a run (checkpoint.pth): pass --resume "
+                              f"auto to continue it, or choose another --output_dir")
     if args.eval_only:
         return eval_only(model, val_loader, args, resume, pos)
 
@@ -476,6 +480,10 @@ def run(args):
                         f"split ({len(train_set)} samples)")
     if pos["next_step"] >= steps_per_epoch:  # resumed from an epoch-end checkpoint
         pos.update(epoch=pos["epoch"] + 1, next_step=0, partial=None)
+    elif pos["next_step"] and pos["layout"] != (args.world_size, args.batch_size):
+        # next_step counts this rank's batches: with another split of the epoch it would repeat or skip samples
+        raise CheckpointError(f"{resume}: stopped mid-epoch with {pos['layout'][0]} rank(s) x --batch_size "
+                              f"{pos['layout'][1]}; resume it with the same, or from an epoch-end checkpoint")
     wrap_for_training(model, args)
     if dist.is_main():
         print(f"{len(train_set)} train / {len(val_loader.dataset)} val samples, {args.world_size} rank(s) on "

@@ -121,16 +121,17 @@ class RegisterModule(nn.Module):
             x = blk(x, context, attn_mask)
         return self.head(self.norm(x))
 
+    def keep_mask(self, batch_size, generator=None):
+        """(B, K) keep mask: a nested dropout draw in training (one per sample, shared by all its modalities),
+        every token in eval."""
+        rate = self.nested_dropout_rate if self.training else 0.0
+        return nested_dropout_mask(batch_size, self.num_tokens, rate, generator, self.register_tokens.device)
+
     def forward(self, tokens, padding_mask=None, keep=None, generator=None):
         """tokens {m: (B, N_m, C_m)}, padding_mask {m: bool (B, N_m)} -> dict (see CONTRACT.md)."""
         padding_mask = padding_mask or {}
-        B = next(iter(tokens.values())).shape[0]
-        device = self.register_tokens.device
         if keep is None:
-            if self.training:  # one draw per sample, shared by all its modalities
-                keep = nested_dropout_mask(B, self.num_tokens, self.nested_dropout_rate, generator, device)
-            else:
-                keep = torch.ones(B, self.num_tokens, dtype=torch.bool, device=device)
+            keep = self.keep_mask(next(iter(tokens.values())).shape[0], generator)
         registers = {m: self.encode(m, feats, padding_mask.get(m)) for m, feats in tokens.items()}  # (B, K, E)
         out = {"registers": registers, "keep": keep, "logit_scale": self.logit_scale.exp().clamp(max=100.0)}
         if self.recon is not None:
@@ -162,13 +163,10 @@ class FluxTalk(nn.Module):
             feats = dict(batch, tokens={m: t.float() for m, t in batch["tokens"].items()})
         else:
             feats = self.stage1(batch)
-        module = self.unwrapped_register_module
-        if keep is None and self.training:
-            # Drawn here rather than inside the register module: its rate changes every step, which would make a
+        if keep is None:
+            # Drawn here rather than inside the register module: the rate changes every step, which would make a
             # torch.compile'd register module recompile every step.
-            B = next(iter(feats["tokens"].values())).shape[0]
-            keep = nested_dropout_mask(B, module.num_tokens, module.nested_dropout_rate, generator,
-                                       module.register_tokens.device)
+            keep = self.unwrapped_register_module.keep_mask(next(iter(feats["tokens"].values())).shape[0], generator)
         out = self.register_module(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
         return out

@@ -78,6 +78,9 @@ def test_torchrun_two_processes_writes_every_artifact(ddp_run):
         assert {"epoch", "train_loss", "val_mean_r1"} <= set(line)
         for p in PAIRS:
             assert 0.0 <= line[f"val_{p}_r1"] <= 100.0
+            a, b = p.split("_")
+            # both directions are kept apart, also for tactile/text (same first letter)
+            assert line[f"val_{p}_r1"] == pytest.approx((line[f"val_{p}_{a}2{b}_r1"] + line[f"val_{p}_{b}2{a}_r1"]) / 2)
         # the mean over pairs and directions is what the pairs' means average to
         assert line["val_mean_r1"] == pytest.approx(sum(line[f"val_{p}_r1"] for p in PAIRS) / len(PAIRS))
 
@@ -153,6 +156,24 @@ def test_eval_only_prints_and_logs_metrics_and_writes_no_checkpoint(ddp_run, tin
     assert line["val_mean_r1"] == pytest.approx(best_line["val_mean_r1"])
 
 
+def test_fresh_run_refuses_an_output_dir_that_holds_a_run(ddp_run, tiny_stage1_files, synthetic_tvl, tmp_path,
+                                                          capsys):
+    full, _ = ddp_run
+    shutil.copy(os.path.join(full, "checkpoint.pth"), tmp_path / "checkpoint.pth")
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    assert main_mod.main(small_run_flags(tiny_stage1_files, synthetic_tvl, tmp_path)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --output_dir") and "--resume auto" in line
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before and not (tmp_path / "log.txt").exists()
+
+
+def test_eval_only_without_a_checkpoint_is_refused(tiny_stage1_files, synthetic_tvl, tmp_path, capsys):
+    code = main_mod.main(small_run_flags(tiny_stage1_files, synthetic_tvl, tmp_path) + ["--eval_only", "--resume",
+                                                                                        "auto"])
+    assert code == 2
+    assert "error: --eval_only --resume auto: no checkpoint.pth" in capsys.readouterr().err
+
+
 def test_seed_command_flags_parse_with_those_names():
     args = main_mod.parse_args(SEED_COMMAND)
     assert (args.batch_size, args.epochs, args.num_register_tokens, args.num_overlapping_tokens) == (64, 100, 4, 3)
@@ -170,7 +191,7 @@ def test_seed_command_flags_parse_with_those_names():
     (["--precision", "fp8"], "--precision"),
     (["--complementary_reg_weight", "-1"], "--complementary_reg_weight"),
     (["--eval_only"], "--eval_only"),
-])
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_invalid_values_fail_at_parse_time(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
         main_mod.parse_args(SEED_COMMAND + extra)

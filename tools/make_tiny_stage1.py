@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from stage1 import DEFAULT_TACTILE_MODEL, create_tactile_encoder  # noqa: E402  (also registers fluxtalk-tiny)
+from util.checkpoint import atomic_write  # noqa: E402
 
 TINY_CLIP_MODEL = "fluxtalk-tiny"
 
@@ -38,10 +39,9 @@ def make_tiny_stage1(out_dir, seed=0):
                               common_latent_dim=None, active_modality_names=["vision", "tactile", "text"],
                               epochs=1, seed=seed)
     ckpt = {"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": 0, "scaler": {}, "args": args}
-    # Write to a temporary name, then rename: a half-written file is never mistaken for a finished one.
+    # Temporary name, then rename: a half-written file is never mistaken for a finished one.
     for obj, path in ((clip.state_dict(), clip_path), (ckpt, ckpt_path)):
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda f, obj=obj: torch.save(obj, f))
     return ckpt_path, clip_path
 
 

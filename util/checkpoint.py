@@ -50,28 +50,39 @@ def first_line(e):
     return lines[0].split(". ")[0][:200] if lines else type(e).__name__
 
 
-def save_atomic(obj, path):
-    """torch.save(obj, path) via temp file + fsync + rename. On any failure the old `path` is untouched."""
+def atomic_write(path, write, mode="wb"):
+    """write(file) into a temp file beside `path`, fsync, rename over `path`, fsync the folder (so the rename is
+    durable too). On any failure the old `path` is untouched and the temp file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
+        fsync_dir(folder)
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, Exception):
-            raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); "
-                                  f"the previous file, if any, is intact") from e
         raise
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path) through atomic_write; a failure raises CheckpointWriteError naming `path`."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except Exception as e:
+        raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); "
+                                   f"the previous file, if any, is intact") from e
 
 
 def remove_stale_temp_files(folder):

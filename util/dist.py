@@ -19,8 +19,8 @@ def init_distributed(device):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is visible (use --device cpu)")
+        if not torch.cuda.is_available():  # the entry points check this at parse time already
+            raise RuntimeError(f"--device {device}: no CUDA device is visible (use --device cpu)")
         dev = torch.device("cuda", local_rank) if world_size > 1 else torch.device(device)
         torch.cuda.set_device(dev)
     else:
@@ -70,14 +70,6 @@ def any_rank(flag):
     return bool(t.item())
 
 
-def broadcast_object(obj, src=0):
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=_CONTROL_GROUP)
-    return box[0]
-
-
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank (host-side, on the gloo control group)."""
     if not is_dist():
@@ -96,13 +88,18 @@ def all_gather_cat(t):
     return torch.cat(out)
 
 
-def reduce_mean(t):
-    """Mean of a tensor over ranks (in place on a copy)."""
+def all_reduce_sum(t):
+    """Sum of a tensor over ranks (on a copy; no gradient)."""
     if not is_dist():
         return t
     t = t.clone()
     dist.all_reduce(t)
-    return t / get_world_size()
+    return t
+
+
+def reduce_mean(t):
+    """Mean of a tensor over ranks (in place on a copy)."""
+    return all_reduce_sum(t) / get_world_size()
 
 
 def cleanup():
@@ -123,7 +120,10 @@ def run_entry_point(run, args, outcomes):
     except Exception as e:
         for types, code, label in outcomes:
             if isinstance(e, types):
-                print(f"{label}: {e}", file=sys.stderr, flush=True)
+                msg = str(e)
+                if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original message
+                    msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+                print(f"{label}: {msg}", file=sys.stderr, flush=True)
                 return code
         raise
     finally:
