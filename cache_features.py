@@ -144,12 +144,20 @@ def cache_split(args, stage1, split, device):
 
     t0, done, skipped = time.time(), 0, 0
     loaders = make_loaders(args, device, {"plain": plain, "aug": aug})
-    for k in range(rank, plan["num_shards"], world):
-        if os.path.isdir(os.path.join(out, f"shard_{k:05d}")):
-            skipped += 1  # renamed into place only once complete
-            continue
-        write_shard(args, stage1, loaders, plan, out, k, device)
-        done += 1
+    error = None
+    try:
+        for k in range(rank, plan["num_shards"], world):
+            if os.path.isdir(os.path.join(out, f"shard_{k:05d}")):
+                skipped += 1  # renamed into place only once complete
+                continue
+            write_shard(args, stage1, loaders, plan, out, k, device)
+            done += 1
+    except DataError as e:
+        error = e
+    # every rank stops together when one failed (instead of the others waiting forever at the next barrier)
+    if dist.any_rank(error is not None):
+        raise error or DataError(f"{out}: another rank failed to write its shards (see its error); rerun to "
+                                 f"complete the cache")
     print(f"cache: rank {rank}: {split}: wrote {done} shard(s), skipped {skipped} finished one(s) "
           f"in {time.time() - t0:.1f}s", flush=True)
     dist.barrier()

@@ -530,8 +530,14 @@ def load_cache_meta(root, split):
     if not os.path.isfile(path):
         raise DataError(f"--feature_cache {root}: no {split}/meta.json: the {split} split was never cached or its "
                         f"cache_features.py run did not finish (rerun it with the same flags to complete it)")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:  # meta.json is written atomically, so this is damage from outside
+        raise DataError(f"--feature_cache {root}: {split}/meta.json is unreadable ({e}); rebuild the cache") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"--feature_cache {root}: {split}/meta.json is not a cache index; rebuild the cache")
+    return meta
 
 
 def check_cache_meta(meta, root, split, fingerprint, active_modalities, args, sample_ids=None):

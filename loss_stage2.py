@@ -20,11 +20,14 @@ def gather_with_grad(x):
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def contrastive_loss(z_a, z_b, logit_scale):
-    """Symmetric CLIP loss on L2-normalised (B, E) features; equal to open_clip ClipLoss in one process."""
+def contrastive_loss(z_a, z_b, logit_scale, all_a=None, all_b=None):
+    """Symmetric CLIP loss on L2-normalised (B, E) features; equal to open_clip ClipLoss in one process.
+    all_a / all_b: z_a / z_b gathered from every rank (gather_with_grad), when the caller already has them."""
+    all_a = gather_with_grad(z_a) if all_a is None else all_a
+    all_b = gather_with_grad(z_b) if all_b is None else all_b
     labels = torch.arange(z_a.shape[0], device=z_a.device) + get_rank() * z_a.shape[0]  # equal local batches
-    loss_ab = F.cross_entropy(logit_scale * z_a @ gather_with_grad(z_b).T, labels)  # local rows of a->b
-    loss_ba = F.cross_entropy(logit_scale * z_b @ gather_with_grad(z_a).T, labels)  # local rows of b->a
+    loss_ab = F.cross_entropy(logit_scale * z_a @ all_b.T, labels)  # local rows of a->b
+    loss_ba = F.cross_entropy(logit_scale * z_b @ all_a.T, labels)  # local rows of b->a
     return (loss_ab + loss_ba) / 2
 
 
@@ -34,33 +37,45 @@ def masked_mean(tokens, keep):
     return torch.where(keep[..., None], tokens, torch.zeros_like(tokens)).sum(dim=1) / count
 
 
-def complementary_terms(comp, keep, shared):
+def complementary_masks(keep):
+    """What complementary_terms needs from the keep mask alone, the same for every modality (so computed once a
+    step: one all-gather, one all-reduce). keep bool (B, J) -> {"mask": (B*J,), "pairs": (B*J, W*B*J) kept tokens
+    of different samples, local rows against all columns, "n_kept", "n_pairs": global counts, at least 1}."""
+    world, rank = get_world_size(), get_rank()
+    B, J = keep.shape
+    mask = keep.reshape(B * J)
+    all_sample = torch.arange(world * B, device=keep.device).repeat_interleave(J)  # global sample id per token
+    sample = all_sample[rank * B * J:(rank + 1) * B * J]
+    all_mask = all_gather_cat(mask.to(torch.uint8)).bool()  # gloo: no bool
+    pairs = mask[:, None] & all_mask[None, :] & (sample[:, None] != all_sample[None, :])
+    n_kept, n_pairs = all_reduce_sum(torch.stack([mask.sum(), pairs.sum()])).clamp(min=1)
+    return {"mask": mask, "pairs": pairs, "n_kept": n_kept, "n_pairs": n_pairs}
+
+
+def complementary_terms(comp, keep, shared, masks=None):
     """L2 and diversity terms of one modality's complementary tokens.
 
     comp (B, J, E) un-normalised complementary tokens, keep bool (B, J), shared (B, E) pooled overlapping
     embedding. Means run over kept tokens (and kept pairs of different samples) of the *global* batch; each
     term is exactly 0 when nothing is kept anywhere. `shared` is detached: the terms steer only the
     complementary tokens, the shared embedding answers to the contrastive loss alone.
+    masks: complementary_masks(keep), when the caller computed it already.
     """
-    world, rank = get_world_size(), get_rank()
+    masks = complementary_masks(keep) if masks is None else masks
+    mask, pairs, n_kept, n_pairs = masks["mask"], masks["pairs"], masks["n_kept"], masks["n_pairs"]
+    world = get_world_size()
     B, J, _ = comp.shape
     flat = comp.reshape(B * J, comp.shape[-1])
-    mask = keep.reshape(B * J)
-    all_sample = torch.arange(world * B, device=comp.device).repeat_interleave(J)  # global sample id per token
-    sample = all_sample[rank * B * J:(rank + 1) * B * J]
     zero = flat.new_zeros(())
     unit = F.normalize(flat, dim=-1)
     # L2 and cosine with the sample's own shared embedding: means over kept tokens
-    n_kept = all_reduce_sum(mask.sum()).clamp(min=1)
     sq_norm = torch.where(mask, flat.pow(2).sum(-1), zero)
     cos_shared = (unit * F.normalize(shared.detach(), dim=-1).repeat_interleave(J, dim=0)).sum(-1)
     cos_shared = torch.where(mask, cos_shared.pow(2), zero)
     l2 = world * sq_norm.sum() / n_kept
     div_shared = world * cos_shared.sum() / n_kept
     # cosine between different samples' tokens: local kept rows against all kept columns of other samples
-    all_unit, all_mask = gather_with_grad(unit), all_gather_cat(mask.to(torch.uint8)).bool()  # gloo: no bool
-    pairs = mask[:, None] & all_mask[None, :] & (sample[:, None] != all_sample[None, :])  # (B*J, W*B*J)
-    n_pairs = all_reduce_sum(pairs.sum()).clamp(min=1)
+    all_unit = gather_with_grad(unit)
     div_cross = world * torch.where(pairs, (unit @ all_unit.T).pow(2), zero).sum() / n_pairs
     return l2, div_shared + div_cross
 
@@ -125,10 +140,11 @@ class Stage2Loss(nn.Module):
         K_o = self.num_overlapping
         shared = {m: masked_mean(r[:, :K_o], keep[:, :K_o]) for m, r in registers.items()}  # (B, E)
         z = {m: F.normalize(s, dim=-1) for m, s in shared.items()}
+        gathered = {m: gather_with_grad(v) for m, v in z.items()}  # one all-gather per modality, not per pair
         terms, contrastive = {}, []
         for a, b in modality_pairs(registers):
             name = pair_name(a, b)
-            loss = contrastive_loss(z[a], z[b], scale)
+            loss = contrastive_loss(z[a], z[b], scale, gathered[a], gathered[b])
             contrastive.append(loss)
             terms[f"contrastive_{name}"] = loss.detach()
             with torch.no_grad():  # stays on the device: no host sync per step
@@ -138,8 +154,9 @@ class Stage2Loss(nn.Module):
         total = terms["contrastive"] = torch.stack(contrastive).mean()
         l2, div = [], []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.reg_weight > 0):  # logged even at weight 0
+            masks = complementary_masks(keep[:, K_o:])
             for m, r in registers.items():
-                m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m])
+                m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m], masks)
                 terms[f"comp_l2_{m}"], terms[f"comp_div_{m}"] = m_l2.detach(), m_div.detach()
                 l2.append(m_l2)
                 div.append(m_div)

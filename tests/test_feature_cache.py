@@ -239,3 +239,12 @@ def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_
     # a rerun into an existing cache with other settings is refused instead of mixing two caches
     code = cache_features.main(cache_flags(tiny_stage1_files, small_tvl, cache, "--splits", "val", "--seed", "1"))
     assert code == 2 and "this cache was started with other settings (seed differ)" in capsys.readouterr().err
+
+
+def test_damaged_meta_json_is_refused_in_one_line(tmp_path):
+    from data_stage2 import DataError, load_cache_meta
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "meta.json").write_text('{"format": ')
+    with pytest.raises(DataError, match=r"train/meta.json is unreadable .*rebuild the cache") as e:
+        load_cache_meta(str(tmp_path), "train")
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
