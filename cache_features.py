@@ -34,7 +34,7 @@ from data_stage2 import (CACHE_FORMAT, DataError, add_data_args, build_dataset, 
 from engine_stage2 import autocast, to_device
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from util.checkpoint import atomic_write, fsync_dir
-from util.misc import MODALITIES
+from util.misc import MODALITIES, in_canonical_order
 
 # What makes two caches of a split hold the same thing; a rerun into an unfinished cache must agree on all of it.
 PLAN_KEYS = ("format", "split", "stage1_fingerprint", "active_modalities", "data_flags", "seed", "views",
@@ -51,9 +51,7 @@ def get_args_parser():
     p.add_argument("--batch_size", default=64, type=int, help="encoder batch size per rank")
     p.add_argument("--active_modality_names", nargs="+", default=list(MODALITIES), choices=MODALITIES)
     p.add_argument("--seed", default=0, type=int, help="the training seed whose augmentations the views reproduce")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default=None, choices=["fp32", "amp_bf16", "amp_fp16"],
-                   help="encoder precision (default as training: amp_bf16 on CUDA, fp32 on CPU)")
+    dist.add_device_args(p)  # --precision: the encoders' precision
     add_data_args(p)
     add_stage1_args(p)
     return p
@@ -64,11 +62,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.cache_views < 0 or args.shard_size < 1 or args.batch_size < 1:
         parser.error("--cache_views must be >= 0, --shard_size and --batch_size >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is visible here (use --device cpu)")
-    if args.precision is None:
-        args.precision = "amp_bf16" if args.device.startswith("cuda") else "fp32"
-    args.active_modality_names = sorted(set(args.active_modality_names), key=MODALITIES.index)
+    dist.resolve_device_args(parser, args)
+    args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
 
 

@@ -31,7 +31,7 @@ from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
 from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, atomic_write, load_torch_file,
                               remove_stale_temp_files, rng_state, save_atomic, set_rng_state)
-from util.misc import MODALITIES, modality_pairs, pair_name
+from util.misc import MODALITIES, in_canonical_order, modality_pairs, pair_name
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. resume
@@ -67,14 +67,11 @@ def get_args_parser():
                    help="synthetic TVL-format data + a tiny Stage 1 under output_dir (made once), CPU, a few epochs")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.json, TensorBoard")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (NCCL, one GPU per local rank) or cpu (gloo)")
     g.add_argument("--seed", default=0, type=int, help="base seed; each rank adds its rank")
     g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth "
                                                 "if present)")
     g.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    g.add_argument("--precision", default=None, choices=["fp32", "amp_bf16", "amp_fp16"],
-                   help="default: amp_bf16 on CUDA, fp32 on CPU")
+    dist.add_device_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the register module")
     g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint-<epoch>.pth every N epochs (0: off)")
     g.add_argument("--save_every_steps", default=0, type=int,
@@ -137,17 +134,14 @@ def parse_args(argv=None):
                      f"({args.register_heads})")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is visible here (use --device cpu)")
     if args.demo:
         apply_demo_defaults(args, parser)
     elif args.stage1_checkpoint is None:  # also with --feature_cache: its fingerprint must match the cache's
         parser.error("--stage1_checkpoint is required (or use --demo)")
-    if args.precision is None:
-        args.precision = "amp_bf16" if args.device.startswith("cuda") else "fp32"
+    dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
     if args.nested_dropout_ramp_epochs is None:
         args.nested_dropout_ramp_epochs = float(args.epochs)
-    args.active_modality_names = sorted(set(args.active_modality_names), key=MODALITIES.index)
+    args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
 
 

@@ -9,6 +9,22 @@ import torch.distributed as dist
 _CONTROL_GROUP = None  # gloo group for tiny host-side messages (preemption flags) that must not sync the GPU
 
 
+def add_device_args(group):
+    """--device and --precision, shared by training and feature caching (finish with resolve_device_args)."""
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cuda (NCCL, one GPU per local rank) or cpu (gloo)")
+    group.add_argument("--precision", default=None, choices=["fp32", "amp_bf16", "amp_fp16"],
+                       help="default: amp_bf16 on CUDA, fp32 on CPU")
+
+
+def resolve_device_args(parser, args):
+    """A missing GPU is a flag error; the precision default follows the device."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here (use --device cpu)")
+    if args.precision is None:
+        args.precision = "amp_bf16" if args.device.startswith("cuda") else "fp32"
+
+
 def init_distributed(device):
     """Reads torchrun's env, joins the process group once, picks this rank's device.
 

@@ -4,6 +4,11 @@ import itertools
 MODALITIES = ("vision", "tactile", "text")  # TVL's names
 
 
+def in_canonical_order(names):
+    """Distinct modality names in MODALITIES order, whatever order the flags gave them in."""
+    return sorted(set(names), key=MODALITIES.index)
+
+
 def modality_pairs(active):
     """All unordered pairs of active modalities, each sorted by name: [("tactile", "vision"), ...]."""
     return [tuple(sorted(p)) for p in itertools.combinations(sorted(active), 2)]
