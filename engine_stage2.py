@@ -148,23 +148,18 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
     return host_means(epoch_sums, n_epoch), "done"
 
 
-def host_means(sums, n):
-    """Means over steps and ranks of the running sums, with one collective and one device->host copy.
-
-    Averaging over ranks matters: each rank's loss terms are its share of the global-batch value (see loss_stage2).
-    """
-    if not sums:
-        return {}
-    keys = list(sums)
-    values = dist.reduce_mean(torch.stack([torch.as_tensor(sums[k]).float() for k in keys])).cpu().tolist()
-    return {k: v / n for k, v in zip(keys, values)}
-
-
 def snapshot_sums(sums, n):
-    """Running sums averaged over ranks, as host floats for a checkpoint (one collective)."""
+    """Running sums averaged over ranks, as host floats (one collective, one device->host copy); also what a
+    mid-epoch checkpoint stores. Averaging over ranks matters: each rank's loss terms are its share of the
+    global-batch value (see loss_stage2)."""
     keys = list(sums)
     values = dist.reduce_mean(torch.stack([sums[k] for k in keys])).cpu().tolist() if keys else []
     return {"sums": dict(zip(keys, values)), "n": n}
+
+
+def host_means(sums, n):
+    """Means over steps and ranks of the running sums."""
+    return {k: v / n for k, v in snapshot_sums(sums, n)["sums"].items()}
 
 
 def restore_sums(snapshot, device):
