@@ -31,10 +31,9 @@ from torch.utils.data import DataLoader
 
 import util.dist as dist
 from data_stage2 import (CACHE_FORMAT, DataError, add_data_args, build_dataset, cache_data_flags)
-from engine_stage2 import autocast, to_device
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from util.checkpoint import atomic_write, fsync_dir
-from util.misc import MODALITIES, in_canonical_order
+from util.misc import MODALITIES, autocast, in_canonical_order, to_device
 
 # What makes two caches of a split hold the same thing; a rerun into an unfinished cache must agree on all of it.
 PLAN_KEYS = ("format", "split", "stage1_fingerprint", "active_modalities", "data_flags", "seed", "views",
@@ -149,10 +148,8 @@ def cache_split(args, stage1, split, device):
             done += 1
     except DataError as e:
         error = e
-    # every rank stops together when one failed (instead of the others waiting forever at the next barrier)
-    if dist.any_rank(error is not None):
-        raise error or DataError(f"{out}: another rank failed to write its shards (see its error); rerun to "
-                                 f"complete the cache")
+    dist.raise_together(error, DataError(f"{out}: another rank failed to write its shards (see its error); "
+                                         f"rerun to complete the cache"))
     print(f"cache: rank {rank}: {split}: wrote {done} shard(s), skipped {skipped} finished one(s) "
           f"in {time.time() - t0:.1f}s", flush=True)
     dist.barrier()
@@ -221,7 +218,7 @@ def write_shard(args, stage1, loaders, plan, out, k, device):
 
 
 def run(args):
-    _, _, _, device = dist.init_distributed(args.device)
+    _, _, device = dist.init_distributed(args.device)
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names).to(device)
     for split in args.splits:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 import util.dist as dist
 from loss_stage2 import prefix_curve, recall_at_k, text_threshold_accuracy
 from util.lr_sched import adjust_learning_rate, nested_dropout_rate_at
-from util.misc import modality_pairs, pair_name
+from util.misc import autocast, modality_pairs, pair_name, to_device
 
 
 class NonFiniteLoss(RuntimeError):
@@ -27,20 +27,6 @@ def step_seed(seed, micro_step, rank):
     """Seed of the nested-dropout draw of one micro-step on one rank: a pure function, so a resumed run redraws
     exactly what the uninterrupted run drew (no generator state to carry)."""
     return (seed * 1_000_003 + micro_step * 8_191 + rank) % (2**63 - 1)
-
-
-def autocast(device, precision):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(batch, device):
-    """Moves a (possibly nested) batch dict of tensors to `device` without blocking the host."""
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
 
 
 def max_memory_mb(device):
@@ -62,8 +48,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
     model.train()
     device = args.device_obj
     rank = dist.get_rank()
-    register_module = model.register_module
-    params = [p for p in register_module.parameters() if p.requires_grad]
+    registers = model.registers
+    params = [p for p in registers.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)  # nested dropout draws, reseeded from (seed, step, rank) each micro-step
     partial = state.pop("partial", None) if start_step else None
     sums, n_sums = restore_sums(partial["window"] if partial else None, device)  # since the last log line
@@ -84,12 +70,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
         boundary = (i + 1) % args.accum_iter == 0 or i + 1 == steps_per_epoch
         if i % args.accum_iter == 0:
             lr = adjust_learning_rate(optimizer, epoch_f, args)
-            model.unwrapped_register_module.nested_dropout_rate = nested_dropout_rate_at(
+            model.unwrapped_registers.nested_dropout_rate = nested_dropout_rate_at(
                 epoch_f, args.nested_dropout_rate, args.nested_dropout_ramp_epochs)
 
         batch = to_device(batch, device)
         gen.manual_seed(step_seed(args.seed, micro_step, rank))
-        sync = nullcontext() if boundary or not hasattr(register_module, "no_sync") else register_module.no_sync()
+        sync = nullcontext() if boundary or not hasattr(registers, "no_sync") else registers.no_sync()
         with sync:
             with autocast(device, args.precision):
                 out = model(batch, generator=gen)
@@ -119,7 +105,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
             elapsed = time.perf_counter() - t_window
             means.update(lr=lr, samples_per_s=samples_window / elapsed, data_wait_frac=wait_window / elapsed,
                          max_mem_mb=max_memory_mb(device), nested_dropout_rate=
-                         model.unwrapped_register_module.nested_dropout_rate)
+                         model.unwrapped_registers.nested_dropout_rate)
             if writer is not None:
                 for k, v in means.items():
                     writer.add_scalar(f"train/{k}", v, state["global_step"])
@@ -172,9 +158,9 @@ def restore_sums(snapshot, device):
 def check_finite(first_bad):
     """Stops every rank together at the first non-finite loss, before anything is saved."""
     bad = int(first_bad.item())
-    if dist.any_rank(bad >= 0):
-        raise NonFiniteLoss(f"non-finite loss at micro-step {bad} (rank-local; -1 = on another rank); stopping "
-                            f"all ranks, the last checkpoint written before it is kept")
+    error = NonFiniteLoss(f"non-finite loss at micro-step {bad} (rank-local; -1 = on another rank); stopping all "
+                          f"ranks, the last checkpoint written before it is kept")
+    dist.raise_together(error if bad >= 0 else None, error)
 
 
 @torch.no_grad()

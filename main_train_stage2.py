@@ -213,7 +213,7 @@ def load_resume(path, model, optimizer, scaler, stage1_fingerprint):
     if ckpt["stage1_fingerprint"] != stage1_fingerprint:
         raise CheckpointError(f"{path}: was trained on another Stage 1 (fingerprint {ckpt['stage1_fingerprint'][:12]}"
                               f" != {stage1_fingerprint[:12]} of --stage1_checkpoint/--clip_pretrained); refusing")
-    module = model.unwrapped_register_module
+    module = model.unwrapped_registers
     own = module.state_dict()
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt["model"].items()
            if k in own and v.shape != own[k].shape]
@@ -283,13 +283,13 @@ def build_split(args, split, stage1):
 
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
-    register_module = RegisterModule(
+    registers = RegisterModule(
         feature_dims=stage1.feature_dims, embed_dim=embed_dim, num_tokens=args.num_register_tokens,
         num_overlapping=args.num_overlapping_tokens, width=args.register_width, depth=args.register_depth,
         num_heads=args.register_heads, mlp_ratio=args.mlp_ratio, attn_dropout=args.attn_dropout,
         logit_scale_init=stage1.logit_scale,
         recon_dims={m: stage1.embed_dim for m in args.active_modality_names} if args.complementary_recon_weight else None)
-    return FluxTalk(stage1, register_module)
+    return FluxTalk(stage1, registers)
 
 
 # --------------------------------------------------------------------------------------------------- logging
@@ -348,7 +348,7 @@ def seed_everything(seed):
 
 def setup(args):
     """One process group, this rank's device, the absolute lr, the demo inputs, rank-offset seeds."""
-    rank, world_size, _, device = dist.init_distributed(args.device)
+    rank, world_size, device = dist.init_distributed(args.device)
     args.device_obj, args.world_size = device, world_size
     args.log_dir = args.log_dir or args.output_dir
     if args.lr is None:
@@ -391,11 +391,11 @@ def wrap_for_training(model, args):
     """Compiles (in place, so state dict keys and attributes stay those of the module) and DDP-wraps only the
     register module: the frozen Stage 1 never receives gradients."""
     if args.compile:
-        model.register_module.compile()
+        model.registers.compile()
     if args.world_size > 1:
         device = args.device_obj
-        model.register_module = DistributedDataParallel(
-            model.register_module, device_ids=[device.index] if device.type == "cuda" else None)
+        model.registers = DistributedDataParallel(
+            model.registers, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def start_output_dir(args, pos, resumed):
@@ -425,10 +425,8 @@ def write_checkpoint(ckpt, names, args, writer):
                 save_atomic(ckpt, os.path.join(args.output_dir, name))
         except CheckpointWriteError as e:
             error = e
-    # All ranks stop together when rank 0 could not write (instead of waiting forever in a barrier).
-    if dist.any_rank(error is not None):
-        raise error or CheckpointWriteError(f"{os.path.join(args.output_dir, names[0])}: rank 0 failed to write "
-                                            f"the checkpoint (see its error)")
+    dist.raise_together(error, CheckpointWriteError(f"{os.path.join(args.output_dir, names[0])}: rank 0 failed to "
+                                                    f"write the checkpoint (see its error)"))
 
 
 def epoch_log_line(epoch, train_stats, metrics, global_step, best, seconds):
@@ -445,11 +443,11 @@ def run(args):
                           active_modalities=args.active_modality_names)
     model = build_model(args, stage1)
     # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
-    (model.register_module if args.feature_cache else model).to(args.device_obj)
+    (model.registers if args.feature_cache else model).to(args.device_obj)
     criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
                            args.complementary_recon_weight)
     val_loader = make_loader(build_split(args, "val", stage1), args, train=False)
-    optimizer = torch.optim.AdamW(param_groups(model.register_module, args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(param_groups(model.registers, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(args.device_obj.type, enabled=args.precision == "amp_fp16")
 

@@ -143,20 +143,10 @@ class RegisterModule(nn.Module):
 class FluxTalk(nn.Module):
     """Frozen Stage 1 -> register module. `stage1` is any module with the stage1.FrozenStage1 interface."""
 
-    def __init__(self, stage1, register_module):
+    def __init__(self, stage1, registers):
         super().__init__()
         self.stage1 = stage1
-        self.register_module = register_module  # the engine may replace it by its DDP wrapper
-
-    # nn.Module already has a method named `register_module` (an alias of add_module) that would shadow the
-    # submodule; this property makes the attribute name of the contract read the submodule instead.
-    @property
-    def register_module(self):
-        return self._modules["register_module"]
-
-    @register_module.setter
-    def register_module(self, module):
-        self._modules["register_module"] = module
+        self.registers = registers  # the RegisterModule; main_train_stage2 may replace it by its DDP wrapper
 
     def forward(self, batch, keep=None, generator=None):
         if "tokens" in batch:  # a feature-cache batch already holds Stage 1's outputs (tokens stored in float16)
@@ -166,15 +156,15 @@ class FluxTalk(nn.Module):
         if keep is None:
             # Drawn here rather than inside the register module: the rate changes every step, which would make a
             # torch.compile'd register module recompile every step.
-            keep = self.unwrapped_register_module.keep_mask(next(iter(feats["tokens"].values())).shape[0], generator)
-        out = self.register_module(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
+            keep = self.unwrapped_registers.keep_mask(next(iter(feats["tokens"].values())).shape[0], generator)
+        out = self.registers(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
         return out
 
     @property
-    def unwrapped_register_module(self):
-        """The RegisterModule itself, also after the engine wrapped it in DDP."""
-        return getattr(self.register_module, "module", self.register_module)
+    def unwrapped_registers(self):
+        """The RegisterModule itself, also after main_train_stage2 wrapped it in DDP."""
+        return getattr(self.registers, "module", self.registers)
 
     def trainable_state_dict(self):
-        return self.unwrapped_register_module.state_dict()
+        return self.unwrapped_registers.state_dict()

@@ -34,14 +34,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cache_features  # noqa: E402
 import data_stage2 as D  # noqa: E402
-from engine_stage2 import autocast, to_device  # noqa: E402
 from loss_stage2 import Stage2Loss  # noqa: E402
 from main_train_stage2 import get_args_parser  # noqa: E402
 from stage1 import build_stage1, create_tactile_encoder  # noqa: E402
 from tools.make_synthetic_tvl import make_synthetic_tvl  # noqa: E402
 from tools.make_tiny_stage1 import make_tiny_stage1  # noqa: E402
 from tvl_stage2 import FluxTalk, RegisterModule  # noqa: E402
-from util.misc import MODALITIES  # noqa: E402
+from util.misc import MODALITIES, autocast, to_device  # noqa: E402
 
 # Dense bf16 peak of a few GPUs (TFLOP/s), for the model FLOP utilisation; --peak_tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}

@@ -115,7 +115,7 @@ def test_wrapper_trains_only_the_register_module(tiny_stage1):
     module = RegisterModule(s1.feature_dims, s1.embed_dim, width=32, depth=1, num_heads=4,
                             logit_scale_init=s1.logit_scale, recon_dims={m: s1.embed_dim for m in s1.feature_dims})
     model = FluxTalk(s1, module).train()
-    assert model.register_module is module  # not nn.Module.register_module, the method of the same name
+    assert model.registers is module
     module.nested_dropout_rate = 0.5
     g = torch.Generator().manual_seed(0)
     batch = {"vision": torch.randn(4, 3, 224, 224, generator=g), "tactile": torch.randn(4, 3, 224, 224, generator=g),
@@ -127,7 +127,7 @@ def test_wrapper_trains_only_the_register_module(tiny_stage1):
     assert all(not p.requires_grad and p.grad is None for p in s1.parameters())
     assert not s1.clip.training and not s1.tactile_encoder.training  # encoders stay in eval
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"register_module.{n}" for n, _ in module.named_parameters()}
+    assert trainable == {f"registers.{n}" for n, _ in module.named_parameters()}
     assert all(p.grad is not None for p in module.parameters())
     assert set(model.trainable_state_dict()) == set(module.state_dict())
     # precomputed features (the feature cache path) skip Stage 1 and give the same outputs

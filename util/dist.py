@@ -28,7 +28,7 @@ def resolve_device_args(parser, args):
 def init_distributed(device):
     """Reads torchrun's env, joins the process group once, picks this rank's device.
 
-    Returns (rank, world_size, local_rank, torch.device). `device` is "cuda" or "cpu" (or "cuda:N" without torchrun).
+    Returns (rank, world_size, torch.device). `device` is "cuda" or "cpu" (or "cuda:N" without torchrun).
     """
     global _CONTROL_GROUP
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -45,7 +45,7 @@ def init_distributed(device):
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
         _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return rank, world_size, local_rank, dev
+    return rank, world_size, dev
 
 
 def ignore_stop_signals(worker_id=None):
@@ -84,6 +84,13 @@ def any_rank(flag):
     t = torch.tensor([int(bool(flag))])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
     return bool(t.item())
+
+
+def raise_together(error, elsewhere):
+    """Every rank raises when any rank has an `error` (an exception or None): its own, or `elsewhere` (the one to
+    raise where this rank was fine). One rank alone raising would leave the others waiting in a collective."""
+    if any_rank(error is not None):
+        raise error or elsewhere
 
 
 def all_gather_object(obj):

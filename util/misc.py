@@ -1,5 +1,8 @@
-"""Names shared by every module: the modalities and the pairs the loss compares."""
+"""Small helpers shared by every module: the modalities and the pairs the loss compares, autocast, batch moves."""
 import itertools
+from contextlib import nullcontext
+
+import torch
 
 MODALITIES = ("vision", "tactile", "text")  # TVL's names
 
@@ -17,3 +20,17 @@ def modality_pairs(active):
 def pair_name(a, b):
     """Key used in logs and metrics for a pair, names sorted: pair_name("vision", "tactile") == "tactile_vision"."""
     return "_".join(sorted((a, b)))
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch, device):
+    """Moves a (possibly nested) batch dict of tensors to `device` without blocking the host."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
