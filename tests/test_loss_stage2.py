@@ -167,7 +167,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     path = tmp_path / "ddp.pt"
     mp.spawn(ddp_loss_worker.worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
     result = torch.load(path, weights_only=True)
-    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0
+    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0 and terms["residual"] > 0
     assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0)
     for name, value in result["values"].items():
         if name != "total":
