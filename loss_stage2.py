@@ -12,11 +12,13 @@ nested-dropout prefix mask; shared = mean of the kept overlapping tokens (before
                                      Stage 1 global embedding): the overlapping tokens can carry it alone
   + residual_weight * residual       mean over samples with a kept complementary token of
                                      1 - cos(decoder([stop-gradient shared, mean of kept c]), Stage 1 global
-                                     embedding): the shared part cannot move, so only the complementary tokens
-                                     can supply what it lacks
+                                     embedding): the overlapping outputs get no gradient from it (the shared
+                                     register blocks do, through c), so only the complementary tokens can
+                                     supply what shared lacks
 
 Each complementary term is the mean over modalities of the per-modality term (all logged on their own) and is
-exactly 0 (never NaN) where nothing it averages over was kept; l2 and diversity are logged even when off.
+exactly 0 (never NaN) where nothing it averages over was kept; l2 and diversity are logged even when off. The
+recon / residual decoders are per-modality linear maps in the RegisterModule, made only when their weight is > 0.
 Under DDP each rank returns a loss whose mean over ranks equals the single-process loss on the global batch,
 and whose gradient, averaged by DDP, equals the single-process gradient (gather with gradient, local rows
 against all columns, masked means normalised by global counts).
@@ -79,8 +81,8 @@ def complementary_terms(comp, keep, shared, masks=None, l2="sum"):
     term is exactly 0 when nothing is kept anywhere. `shared` is detached: the terms steer only the
     complementary tokens, the shared embedding answers to the contrastive loss alone.
     masks: complementary_masks(keep), when the caller computed it already.
-    l2: "sum" = mean squared L2 norm (grows with E: about 370 at E = 768 against a diversity near 1, so one
-    weight means different things at different widths); "mean" = the same divided by E (per-coordinate).
+    l2: "sum" = mean squared L2 norm (grows with E: hundreds at real widths against a diversity below 2, so one
+    weight means different things at different widths); "mean" = the same divided by E (per coordinate).
     """
     masks = complementary_masks(keep) if masks is None else masks
     mask, pairs, n_kept, n_pairs = masks["mask"], masks["pairs"], masks["n_kept"], masks["n_pairs"]

@@ -291,14 +291,14 @@ def build_split(args, split, stage1):
 
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
+    targets = {m: stage1.embed_dim for m in args.active_modality_names}  # decoders predict Stage 1 globals
     registers = RegisterModule(
         feature_dims=stage1.feature_dims, embed_dim=embed_dim, num_tokens=args.num_register_tokens,
         num_overlapping=args.num_overlapping_tokens, width=args.register_width, depth=args.register_depth,
         num_heads=args.register_heads, mlp_ratio=args.mlp_ratio, attn_dropout=args.attn_dropout,
         logit_scale_init=stage1.logit_scale,
-        recon_dims={m: stage1.embed_dim for m in args.active_modality_names} if args.complementary_recon_weight else None,
-        residual_dims={m: stage1.embed_dim for m in args.active_modality_names}
-        if args.complementary_residual_weight else None)
+        recon_dims=targets if args.complementary_recon_weight else None,
+        residual_dims=targets if args.complementary_residual_weight else None)
     return FluxTalk(stage1, registers)
 
 
