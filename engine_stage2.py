@@ -35,38 +35,29 @@ def max_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_step, steps_per_epoch, args,
-                    state, writer=None, save_fn=None, stop_requested=lambda: False):
-    """Trains one epoch from batch `start_step` (non-zero when resuming mid-epoch; `loader` already skips those).
+def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_per_epoch, args, writer=None,
+                    save=None, stop_requested=lambda: False):
+    """Trains epoch `state.epoch` from batch `state.next_step` (non-zero when resuming mid-epoch; `loader` already
+    skips those), advancing state.next_step and state.global_step (a util.checkpoint.TrainState).
 
-    state: {"global_step": optimizer steps so far, "partial": running sums of a mid-epoch checkpoint} (in place;
-    "partial" is refreshed before every save_fn call, so a resumed epoch logs the same averages).
-    save_fn(epoch, next_step): writes the step-level checkpoint; called every `--save_every_steps` optimizer steps.
+    save(state): writes checkpoint.pth; called every `--save_every_steps` optimizer steps and at a stop request, with
+    state.means holding the epoch's running sums (so a resumed epoch logs the same averages).
     Logging happens every `--print_freq` optimizer steps, keyed by the global optimizer step.
     Returns (averages of the logged terms over the epoch, "done" | "stopped").
     """
     model.train()
-    device = args.device_obj
-    rank = dist.get_rank()
+    device, rank = args.device_obj, dist.get_rank()
     registers = model.registers
     params = [p for p in registers.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)  # nested dropout draws, reseeded from (seed, step, rank) each micro-step
-    partial = state.pop("partial", None) if start_step else None
-    sums, n_sums = restore_sums(partial["window"] if partial else None, device)  # since the last log line
-    epoch_sums, n_epoch = restore_sums(partial["epoch"] if partial else None, device)  # since the epoch began
+    means = RunningMeans(device, state.means)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     grad_norm = torch.zeros((), device=device)
-    t_window, wait_window, samples_window = time.perf_counter(), 0.0, 0
-
-    # A live bar on a terminal; in a log file (SLURM, CI) one plain line every --print_freq steps instead.
-    interactive = dist.is_main() and sys.stdout.isatty()
-    bar = tqdm(total=steps_per_epoch, initial=start_step, disable=not interactive, dynamic_ncols=True,
-               desc=f"epoch {epoch}", file=sys.stdout, mininterval=1.0)
-    t_wait = time.perf_counter()
-    for i, batch in enumerate(loader, start=start_step):
-        wait_window += time.perf_counter() - t_wait
-        micro_step = epoch * steps_per_epoch + i
-        epoch_f = epoch + i / steps_per_epoch
+    log = StepLog(state, steps_per_epoch, writer)
+    for i, batch in enumerate(loader, start=state.next_step):
+        log.batch_arrived()
+        micro_step = state.epoch * steps_per_epoch + i
+        epoch_f = state.epoch + i / steps_per_epoch
         boundary = (i + 1) % args.accum_iter == 0 or i + 1 == steps_per_epoch
         if i % args.accum_iter == 0:
             lr = adjust_learning_rate(optimizer, epoch_f, args)
@@ -84,75 +75,140 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, start_st
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), micro_step, first_bad)
 
         if boundary:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-
-        terms = dict(terms, grad_norm=grad_norm.detach().float())
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        n_sums += 1
-        samples_window += batch["index"].shape[0] * dist.get_world_size()
-        bar.update(1)
+            grad_norm = optimizer_step(optimizer, scaler, params, args.clip_grad)
+            state.global_step += 1
+        means.add(dict(terms, grad_norm=grad_norm.detach().float()))
+        state.next_step = i + 1
+        log.step_done(batch["index"].shape[0] * dist.get_world_size())
 
         last = i + 1 == steps_per_epoch
-        if boundary and (state["global_step"] % args.print_freq == 0 or last):
+        if boundary and (state.global_step % args.print_freq == 0 or last):
             check_finite(first_bad)
-            means = host_means(sums, n_sums)
-            elapsed = time.perf_counter() - t_window
-            means.update(lr=lr, samples_per_s=samples_window / elapsed, data_wait_frac=wait_window / elapsed,
-                         max_mem_mb=max_memory_mb(device), nested_dropout_rate=
-                         model.unwrapped_registers.nested_dropout_rate)
-            if writer is not None:
-                for k, v in means.items():
-                    writer.add_scalar(f"train/{k}", v, state["global_step"])
-            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
-            if dist.is_main() and not interactive:
-                print(f"epoch {epoch} [{i + 1}/{steps_per_epoch}] loss {means['loss']:.4f} lr {lr:.2e} "
-                      f"{means['samples_per_s']:.1f} samples/s data wait {100 * means['data_wait_frac']:.0f}%",
-                      flush=True)
-            for k, v in sums.items():
-                epoch_sums[k] = epoch_sums.get(k, 0.0) + v
-            n_epoch += n_sums
-            sums, n_sums = {}, 0
-            t_window, wait_window, samples_window = time.perf_counter(), 0.0, 0
-
+            log.write(means.log_window(), state, lr, model.unwrapped_registers.nested_dropout_rate, device)
         if boundary and not last:
             stop = dist.any_rank(stop_requested())
-            if stop or args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
+            if stop or args.save_every_steps and state.global_step % args.save_every_steps == 0:
                 check_finite(first_bad)
-                state["partial"] = {"window": snapshot_sums(sums, n_sums), "epoch": snapshot_sums(epoch_sums, n_epoch)}
-                save_fn(epoch, i + 1)
+                state.means = means.state_dict()
+                save(state)
             if stop:
-                bar.close()
-                return host_means(epoch_sums, n_epoch), "stopped"
-        t_wait = time.perf_counter()
-    bar.close()
-    return host_means(epoch_sums, n_epoch), "done"
+                log.close()
+                return means.epoch_means(), "stopped"
+        log.wait_for_batch()
+    log.close()
+    state.means = None  # the epoch is complete: its checkpoint carries no running sums
+    return means.epoch_means(), "done"
 
 
-def snapshot_sums(sums, n):
-    """Running sums averaged over ranks, as host floats (one collective, one device->host copy); also what a
-    mid-epoch checkpoint stores. Averaging over ranks matters: each rank's loss terms are its share of the
-    global-batch value (see loss_stage2)."""
-    keys = list(sums)
-    values = dist.reduce_mean(torch.stack([sums[k] for k in keys])).cpu().tolist() if keys else []
-    return {"sums": dict(zip(keys, values)), "n": n}
+def optimizer_step(optimizer, scaler, params, clip_grad):
+    """Unscale, clip (or only measure) the gradient norm, step, zero the gradients; returns the norm (on device)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
-def host_means(sums, n):
-    """Means over steps and ranks of the running sums."""
-    return {k: v / n for k, v in snapshot_sums(sums, n)["sums"].items()}
+class RunningMeans:
+    """Running sums of each step's logged terms over two spans, the window since the last log line and the epoch.
+
+    The sums stay on the device (no host sync per step); they are read back, averaged over ranks, only at log lines
+    and checkpoints. Averaging over ranks matters: each rank's loss terms are its share of the global-batch value
+    (see loss_stage2)."""
+
+    def __init__(self, device, state=None):
+        self.device = device
+        self.window, self.n_window = {}, 0  # {term: 0-dim tensor on device}, steps
+        self.epoch, self.n_epoch = {}, 0
+        if state:
+            self.load_state_dict(state)
+
+    def add(self, terms):
+        """One step's {name: 0-dim tensor}."""
+        for k, v in terms.items():
+            self.window[k] = self.window.get(k, 0.0) + v.detach().float()
+        self.n_window += 1
+
+    def log_window(self):
+        """Means of the window as host floats; the window then joins the epoch and starts over."""
+        means = self.host_means(self.window, self.n_window)
+        for k, v in self.window.items():
+            self.epoch[k] = self.epoch.get(k, 0.0) + v
+        self.n_epoch += self.n_window
+        self.window, self.n_window = {}, 0
+        return means
+
+    def epoch_means(self):
+        return self.host_means(self.epoch, self.n_epoch)
+
+    def state_dict(self):
+        """Host floats averaged over ranks (every rank calls it); what a mid-epoch checkpoint stores."""
+        return {"window": self.snapshot(self.window, self.n_window), "epoch": self.snapshot(self.epoch, self.n_epoch)}
+
+    def load_state_dict(self, state):
+        """Every rank restarts from the rank average, which averages to the same value."""
+        self.window, self.n_window = self.restore(state["window"])
+        self.epoch, self.n_epoch = self.restore(state["epoch"])
+
+    def restore(self, snapshot):
+        """Inverse of snapshot."""
+        return {k: torch.tensor(v, device=self.device) for k, v in snapshot["sums"].items()}, snapshot["n"]
+
+    @staticmethod
+    def snapshot(sums, n):
+        """Sums averaged over ranks, as host floats (one collective, one device->host copy)."""
+        keys = list(sums)
+        values = dist.reduce_mean(torch.stack([sums[k] for k in keys])).cpu().tolist() if keys else []
+        return {"sums": dict(zip(keys, values)), "n": n}
+
+    @staticmethod
+    def host_means(sums, n):
+        """Means over steps and ranks."""
+        return {k: v / n for k, v in RunningMeans.snapshot(sums, n)["sums"].items()}
 
 
-def restore_sums(snapshot, device):
-    """Inverse of snapshot_sums. Every rank restarts from the rank average, which averages to the same value."""
-    if not snapshot:
-        return {}, 0
-    return {k: torch.tensor(v, device=device) for k, v in snapshot["sums"].items()}, snapshot["n"]
+class StepLog:
+    """The progress bar; samples/s and the share of time spent waiting for data since the last log line; and the log
+    line itself: TensorBoard, plus one plain stdout line when stdout is not a terminal (SLURM, CI)."""
+
+    def __init__(self, state, steps_per_epoch, writer):
+        self.epoch, self.steps_per_epoch, self.writer = state.epoch, steps_per_epoch, writer
+        self.interactive = dist.is_main() and sys.stdout.isatty()
+        self.bar = tqdm(total=steps_per_epoch, initial=state.next_step, disable=not self.interactive,
+                        dynamic_ncols=True, desc=f"epoch {state.epoch}", file=sys.stdout, mininterval=1.0)
+        self.start_window()
+        self.wait_for_batch()
+
+    def start_window(self):
+        self.t_window, self.wait, self.samples = time.perf_counter(), 0.0, 0
+
+    def wait_for_batch(self):
+        self.t_wait = time.perf_counter()
+
+    def batch_arrived(self):
+        self.wait += time.perf_counter() - self.t_wait
+
+    def step_done(self, samples):
+        self.samples += samples
+        self.bar.update(1)
+
+    def write(self, means, state, lr, nested_dropout_rate, device):
+        elapsed = time.perf_counter() - self.t_window
+        means.update(lr=lr, samples_per_s=self.samples / elapsed, data_wait_frac=self.wait / elapsed,
+                     max_mem_mb=max_memory_mb(device), nested_dropout_rate=nested_dropout_rate)
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"train/{k}", v, state.global_step)
+        self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
+        if dist.is_main() and not self.interactive:
+            print(f"epoch {self.epoch} [{state.next_step}/{self.steps_per_epoch}] loss {means['loss']:.4f} lr "
+                  f"{lr:.2e} {means['samples_per_s']:.1f} samples/s data wait {100 * means['data_wait_frac']:.0f}%",
+                  flush=True)
+        self.start_window()
+
+    def close(self):
+        self.bar.close()
 
 
 def check_finite(first_bad):

@@ -11,7 +11,6 @@ Exit codes: 0 done, 2 bad input (one line on stderr naming the flag/file/key), 7
 after writing checkpoint.pth (resume with --resume auto), 1 anything else.
 """
 import argparse
-import json
 import os
 import random
 import signal
@@ -29,8 +28,7 @@ from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
-from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, atomic_write, load_torch_file,
-                              remove_stale_temp_files, rng_state, save_atomic, set_rng_state)
+from util.checkpoint import CheckpointError, CheckpointWriteError, Preempted, RunFiles
 from util.misc import MODALITIES, in_canonical_order, modality_pairs, pair_name
 
 EXIT_BAD_INPUT = 2
@@ -182,61 +180,6 @@ def prepare_demo(args):
     dist.barrier()
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-def checkpoint_state(model, optimizer, scaler, args, stage1_fingerprint, epoch, next_step, global_step, best,
-                     partial=None):
-    """Everything a resume needs; only what trains (the register module), never the frozen Stage 1.
-    `partial`: the epoch's running loss sums at a mid-epoch save, so the resumed epoch logs the same averages."""
-    return {
-        "model": model.trainable_state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "next_step": next_step,  # batches of `epoch` already consumed (== steps_per_epoch: epoch finished)
-        "global_step": global_step,
-        "best_val_mean_r1": best,
-        "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
-        "rng": rng_state(),  # rank 0's
-        "rng_ranks": dist.all_gather_object(rng_state()),  # every rank's (attention dropout draws differ per rank)
-        "stage1_fingerprint": stage1_fingerprint,
-        "partial": partial,
-    }
-
-
-def resolve_resume(args):
-    if args.resume == "auto":
-        path = os.path.join(args.output_dir, "checkpoint.pth")
-        return path if os.path.isfile(path) else None
-    return args.resume or None
-
-
-def load_resume(path, model, optimizer, scaler, stage1_fingerprint):
-    """Loads a checkpoint into model/optimizer/scaler; refuses another Stage 1 or another model shape."""
-    ckpt = load_torch_file(path, flag="--resume")
-    missing = [k for k in ("model", "optimizer", "epoch", "next_step", "global_step", "args", "stage1_fingerprint") if
-               not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a FluxTalk Stage 2 checkpoint (missing key(s) {', '.join(missing)})")
-    if ckpt["stage1_fingerprint"] != stage1_fingerprint:
-        raise CheckpointError(f"{path}: was trained on another Stage 1 (fingerprint {ckpt['stage1_fingerprint'][:12]}"
-                              f" != {stage1_fingerprint[:12]} of --stage1_checkpoint/--clip_pretrained); refusing")
-    module = model.unwrapped_registers
-    own = module.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt["model"].items()
-           if k in own and v.shape != own[k].shape]
-    bad += [f"{k} (missing here)" for k in ckpt["model"] if k not in own]
-    bad += [f"{k} (missing in checkpoint)" for k in own if k not in ckpt["model"]]
-    if bad:
-        raise CheckpointError(f"{path}: model shape does not match the flags ({'; '.join(bad[:4])}); resume with "
-                              f"the flags of that run (see its args)")
-    module.load_state_dict(ckpt["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-    return ckpt
-
-
 # ------------------------------------------------------------------------------------------------ building
 
 def param_groups(module, weight_decay):
@@ -289,6 +232,16 @@ def build_split(args, split, stage1):
     return build_dataset(args, split, stage1.tokenizer, args.active_modality_names, args.seed)
 
 
+def make_train_loader(args, stage1):
+    """The training loader and its optimizer steps per epoch (a split smaller than one global batch is refused)."""
+    loader = make_loader(build_split(args, "train", stage1), args, train=True)
+    steps_per_epoch = len(loader.sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"--batch_size {args.batch_size} x {args.world_size} rank(s) is larger than the training "
+                        f"split ({len(loader.dataset)} samples)")
+    return loader, steps_per_epoch
+
+
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
     targets = {m: stage1.embed_dim for m in args.active_modality_names}  # decoders predict Stage 1 globals
@@ -308,23 +261,6 @@ def build_criterion(args):
 
 
 # --------------------------------------------------------------------------------------------------- logging
-
-def open_writer(args, purge_step):
-    """TensorBoard on rank 0. purge_step drops events a crashed run logged past the resume point."""
-    if not dist.is_main():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir=args.log_dir, purge_step=purge_step)
-
-
-def trim_log(path, start_epoch):
-    """Drop log.txt lines of epochs >= start_epoch (they will be re-run), so no epoch appears twice."""
-    if not dist.is_main() or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
-    atomic_write(path, lambda f: f.writelines(lines), mode="w")
-
 
 def headline_keys(args):
     """val_mean_r1, then each pair's mean Recall@1: the numbers a person reads first."""
@@ -373,32 +309,13 @@ def setup(args):
     seed_everything(args.seed + rank)
 
 
-def resume_position(path, model, optimizer, scaler, stage1_fingerprint):
-    """Loads `path` (see load_resume), restores this rank's RNG states and returns where training continues:
-    {"epoch", "next_step", "global_step", "best", "partial"}."""
-    ckpt = load_resume(path, model, optimizer, scaler, stage1_fingerprint)
-    ranks = ckpt.get("rng_ranks") or []  # per rank; rank 0's alone when the world size changed
-    set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
-    pos = {"epoch": ckpt["epoch"], "next_step": ckpt["next_step"], "global_step": ckpt["global_step"],
-           "best": ckpt.get("best_val_mean_r1", -1.0), "partial": ckpt.get("partial"),
-           "layout": (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size"))}
-    if dist.is_main():
-        print(f"resumed from {path}: epoch {pos['epoch']}, step {pos['next_step']}, best val_mean_r1 "
-              f"{pos['best']:.2f}")
-    return pos
-
-
-def eval_only(model, val_loader, args, resume, pos):
+def eval_only(model, val_loader, args, files, state):
     """--eval_only: metrics printed, appended to log.txt and TensorBoard; no checkpoint is written."""
     metrics, artifacts = evaluate(model, val_loader, args)
-    print_metrics(f"eval ({resume})", metrics, args)
-    if dist.is_main():
-        os.makedirs(args.output_dir, exist_ok=True)
-        append_line(os.path.join(args.output_dir, "log.txt"),
-                    json.dumps({"epoch": pos["epoch"], "eval_only": True, "checkpoint": resume, **metrics}))
-        writer = open_writer(args, None)
-        log_eval(writer, metrics, artifacts, pos["global_step"])
-        writer.close()
+    print_metrics(f"eval ({files.resume_path})", metrics, args)
+    files.log({"epoch": state.epoch, "eval_only": True, "checkpoint": files.resume_path, **metrics})
+    log_eval(files.open_writer(None), metrics, artifacts, state.global_step)
+    files.close()
     return metrics
 
 
@@ -413,41 +330,10 @@ def wrap_for_training(model, args):
             model.registers, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def start_output_dir(args, pos, resumed):
-    """args.json, stale temp files gone, log.txt and TensorBoard cut back to where this run starts.
-
-    output_dir describes this run: a resume drops what it will re-run, a fresh start drops an older run's lines
-    and (purge_step=0) its TensorBoard events. Events at the checkpoint's own global_step (its last train/ line, and
-    the val/ ones of an epoch-end checkpoint) were written before it and are not re-run: keep them (+1).
-    """
-    if dist.is_main():
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_stale_temp_files(args.output_dir)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump({k: v for k, v in vars(args).items() if k != "device_obj"}, f, indent=2, default=str)
-        trim_log(os.path.join(args.output_dir, "log.txt"), pos["epoch"])
-    return open_writer(args, pos["global_step"] + 1 if resumed else 0)
-
-
-def write_checkpoint(ckpt, names, args, writer):
-    """Rank 0 writes `ckpt` under each name (atomically); every rank raises together if that failed."""
-    error = None
-    if dist.is_main():
-        if writer is not None:
-            writer.flush()  # TensorBoard up to this step survives a kill -9 (a resume purges only later steps)
-        try:
-            for name in names:
-                save_atomic(ckpt, os.path.join(args.output_dir, name))
-        except CheckpointWriteError as e:
-            error = e
-    dist.raise_together(error, CheckpointWriteError(f"{os.path.join(args.output_dir, names[0])}: rank 0 failed to "
-                                                    f"write the checkpoint (see its error)"))
-
-
 def epoch_log_line(epoch, train_stats, metrics, global_step, best, seconds):
-    return json.dumps({"epoch": epoch, "train_loss": train_stats.get("loss"), "global_step": global_step,
-                       **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **metrics,
-                       "best_val_mean_r1": best, "epoch_time_s": seconds})
+    return {"epoch": epoch, "train_loss": train_stats.get("loss"), "global_step": global_step,
+            **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **metrics,
+            "best_val_mean_r1": best, "epoch_time_s": seconds}
 
 
 def run(args):
@@ -465,95 +351,43 @@ def run(args):
                                   betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(args.device_obj.type, enabled=args.precision == "amp_fp16")
 
-    resume = resolve_resume(args)
-    pos = {"epoch": 0, "next_step": 0, "global_step": 0, "best": -1.0, "partial": None}
-    if resume:
-        pos = resume_position(resume, model, optimizer, scaler, stage1.fingerprint)
-    elif args.eval_only:
-        raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {args.output_dir}")
-    elif os.path.isfile(os.path.join(args.output_dir, "checkpoint.pth")) and not args.demo:
-        # never overwrite another run's checkpoints and logs by accident (the demo always starts over)
-        raise CheckpointError(f"--output_dir {args.output_dir} already holds a run (checkpoint.pth): pass --resume "
-                              f"auto to continue it, or choose another --output_dir")
+    files = RunFiles(args, model, optimizer, scaler, stage1.fingerprint)
+    state = files.resume()  # refuses a bad --resume file, or an output_dir that holds another run
     if args.eval_only:
-        return eval_only(model, val_loader, args, resume, pos)
-
-    train_set = build_split(args, "train", stage1)
-    train_loader = make_loader(train_set, args, train=True)
-    steps_per_epoch = len(train_loader.sampler) // args.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"--batch_size {args.batch_size} x {args.world_size} rank(s) is larger than the training "
-                        f"split ({len(train_set)} samples)")
-    if pos["next_step"] >= steps_per_epoch:  # resumed from an epoch-end checkpoint
-        pos.update(epoch=pos["epoch"] + 1, next_step=0, partial=None)
-    elif pos["next_step"] and pos["layout"] != (args.world_size, args.batch_size):
-        # next_step counts this rank's batches: with another split of the epoch it would repeat or skip samples
-        raise CheckpointError(f"{resume}: stopped mid-epoch with {pos['layout'][0]} rank(s) x --batch_size "
-                              f"{pos['layout'][1]}; resume it with the same, or from an epoch-end checkpoint")
+        return eval_only(model, val_loader, args, files, state)
+    train_loader, steps_per_epoch = make_train_loader(args, stage1)
+    files.continue_at(state, steps_per_epoch)
     wrap_for_training(model, args)
     if dist.is_main():
-        print(f"{len(train_set)} train / {len(val_loader.dataset)} val samples, {args.world_size} rank(s) on "
-              f"{args.device_obj}, {steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
-    writer = start_output_dir(args, pos, resumed=resume is not None)
-    state = {"global_step": pos["global_step"]}
-    if pos["next_step"]:
-        state["partial"] = pos["partial"]
-    best = pos["best"]
-
-    def save(names, epoch, next_step):
-        ckpt = checkpoint_state(model, optimizer, scaler, args, stage1.fingerprint, epoch, next_step,
-                                state["global_step"], best, state.pop("partial", None))
-        write_checkpoint(ckpt, names, args, writer)
+        print(f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val samples, {args.world_size} rank(s) "
+              f"on {args.device_obj}, {steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
+    files.start(state)
 
     before = after = None
-    if args.demo and not resume:
+    if args.demo and not files.resume_path:
         before, _ = evaluate(model, val_loader, args)
         print_metrics("before training:", before, args)
-    start_step = pos["next_step"]
-    for epoch in range(pos["epoch"], args.epochs):
+    for epoch in range(state.epoch, args.epochs):
         t0 = time.time()
-        train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
-        train_stats, status = train_one_epoch(
-            model, criterion, train_loader, optimizer, scaler, epoch, start_step, steps_per_epoch, args, state,
-            writer, save_fn=lambda e, s: save(["checkpoint.pth"], e, s), stop_requested=stop)
+        train_loader.sampler.set_epoch(epoch, skip=state.next_step * args.batch_size)
+        train_stats, status = train_one_epoch(model, criterion, train_loader, optimizer, scaler, state,
+                                              steps_per_epoch, args, files.writer, files.save, stop)
         if status == "stopped":
-            raise preempted(stop, writer, epoch, state, args)
-        start_step = 0
-        metrics, artifacts = evaluate(model, val_loader, args)
-        after = metrics
-        print_metrics(f"epoch {epoch}:", metrics, args)
-        is_best = metrics["val_mean_r1"] > best
-        best = max(best, metrics["val_mean_r1"])
-        if dist.is_main():
-            log_eval(writer, metrics, artifacts, state["global_step"])
-            # before the checkpoint: a crash in between re-runs the epoch, and the resume trims this line
-            append_line(os.path.join(args.output_dir, "log.txt"),
-                        epoch_log_line(epoch, train_stats, metrics, state["global_step"], best, time.time() - t0))
-        names = ["checkpoint.pth"] + (["checkpoint-best.pth"] if is_best else [])
-        if args.save_every and (epoch + 1) % args.save_every == 0:
-            names.append(f"checkpoint-{epoch}.pth")
-        save(names, epoch, steps_per_epoch)
+            raise files.preempted(stop.signum, state)
+        after, artifacts = evaluate(model, val_loader, args)
+        print_metrics(f"epoch {epoch}:", after, args)
+        is_best = state.update_best(after["val_mean_r1"])
+        log_eval(files.writer, after, artifacts, state.global_step)
+        # before the checkpoint: a crash in between re-runs the epoch, and the resume trims this line
+        files.log(epoch_log_line(epoch, train_stats, after, state.global_step, state.best, time.time() - t0))
+        files.save_epoch_end(state, is_best)
         if epoch + 1 < args.epochs and dist.any_rank(stop()):  # signalled in the epoch's last step or its eval
-            raise preempted(stop, writer, epoch, state, args)
-
-    if writer is not None:
-        writer.close()
+            raise files.preempted(stop.signum, state)
+        state.next_epoch()
+    files.close()
     if args.demo and dist.is_main() and after is not None:
         print_demo_summary(before, after, args)
     return after
-
-
-class Preempted(Exception):
-    pass
-
-
-def preempted(stop, writer, epoch, state, args):
-    """The exception that ends a run stopped by a signal, once checkpoint.pth holds its state."""
-    if writer is not None:
-        writer.close()
-    name = signal.Signals(stop.signum).name if stop.signum else "a stop request on another rank"
-    return Preempted(f"caught {name} at epoch {epoch} step {state['global_step']}: wrote "
-                     f"{os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
 
 
 def print_demo_summary(before, after, args):

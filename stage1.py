@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from open_clip.transformer import text_global_pool
 
-from util.checkpoint import CheckpointError, first_line, load_torch_file
+from util.checkpoint import CheckpointError, first_line, load_torch_file, state_dict_mismatch
 from util.misc import MODALITIES
 
 # The repo's tiny OpenCLIP config ("fluxtalk-tiny") for the demo and tests: registered at import so
@@ -114,19 +114,15 @@ def create_tactile_encoder(tactile_model, num_classes):
 
 def _check_tactile_fit(encoder, state, tactile_model, ckpt_args, path):
     """Stage1Error listing a few mismatched keys/shapes when the weights do not fit `--tactile_model`."""
-    own = encoder.state_dict()
-    bad = [f"{k}: missing" for k in own if k not in state]
-    bad += [f"{k}: unexpected" for k in state if k not in own]
-    bad += [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-            if k in state and state[k].shape != own[k].shape]
-    if not bad:
+    mismatch = state_dict_mismatch(encoder.state_dict(), state)
+    if not mismatch:
         return
     hint = ""
     stored = getattr(ckpt_args, "tactile_model", None)
     if stored and stored != tactile_model:
         hint = f"; the checkpoint's args say tactile_model='{stored}': pass --tactile_model {stored}"
     raise Stage1Error(f"--stage1_checkpoint {path}: tactile weights do not fit --tactile_model {tactile_model} "
-                      f"({len(bad)} mismatches, e.g. {'; '.join(bad[:5])}){hint}")
+                      f"({mismatch}){hint}")
 
 
 def _modality_heads(state, path):

@@ -35,11 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cache_features  # noqa: E402
 import data_stage2 as D  # noqa: E402
 from loss_stage2 import Stage2Loss  # noqa: E402
-from main_train_stage2 import get_args_parser  # noqa: E402
+from main_train_stage2 import build_model, get_args_parser  # noqa: E402
 from stage1 import build_stage1, create_tactile_encoder  # noqa: E402
 from tools.make_synthetic_tvl import make_synthetic_tvl  # noqa: E402
 from tools.make_tiny_stage1 import make_tiny_stage1  # noqa: E402
-from tvl_stage2 import FluxTalk, RegisterModule  # noqa: E402
 from util.misc import MODALITIES, autocast, to_device  # noqa: E402
 
 # Dense bf16 peak of a few GPUs (TFLOP/s), for the model FLOP utilisation; --peak_tflops overrides.
@@ -139,12 +138,11 @@ def run_config(config, a, device, folder):
     t_cache = time.perf_counter() - t
 
     targs = get_args_parser().parse_args(a.model_flags.split())  # main's defaults: the register module users get
-    register = RegisterModule(stage1.feature_dims, stage1.embed_dim, targs.num_register_tokens,
-                              targs.num_overlapping_tokens, targs.register_width, targs.register_depth,
-                              targs.register_heads, targs.mlp_ratio, logit_scale_init=stage1.logit_scale).to(device)
+    model = build_model(targs, stage1)  # exactly what training builds
+    register = model.registers.to(device)
     register.train()
-    model = FluxTalk(stage1, register)
-    criterion = Stage2Loss(targs.num_overlapping_tokens, targs.complementary_reg_weight)
+    criterion = Stage2Loss(targs.num_overlapping_tokens, targs.complementary_reg_weight,
+                           targs.complementary_recon_weight)
     optimizer = torch.optim.AdamW(register.parameters(), lr=1e-4)
 
     ds_online = D.build_dataset(cargs, "train", stage1.tokenizer, MODALITIES, seed=0, augment=False)

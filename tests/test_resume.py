@@ -341,7 +341,7 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stag
     assert not any(".tmp" in f for f in os.listdir(tmp_path)), os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "foreign", "stage1"])
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "stage1", "shape"])
 def test_bad_checkpoint_at_resume_is_refused_in_one_line(kind, tiny_stage1_files, data, reference, tmp_path,
                                                          capsys):
     ref_out, _ = reference
@@ -353,13 +353,20 @@ def test_bad_checkpoint_at_resume_is_refused_in_one_line(kind, tiny_stage1_files
             f.write(head)
     elif kind == "foreign":
         torch.save({"foo": 1}, path)
-    else:
+    elif kind == "stage1":
         path = tiny_stage1_files[0]  # a TVL Stage 1 encoder checkpoint is not a Stage 2 resume point
+    else:
+        path = os.path.join(ref_out, "checkpoint.pth")  # a width-32 register module, resumed at width 16
     argv = flags(tiny_stage1_files, data, tmp_path / "out", ("vision", "tactile"), ("--num_workers", "0"))
+    if kind == "shape":
+        argv[argv.index("--register_width") + 1] = "16"
     argv[argv.index("--resume") + 1] = path
     code, out, err = run_in_process(argv, capsys)
     assert code == 2, (code, err)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: ") and f"{path}: " in lines[0], lines[0]
+    if kind == "shape":
+        assert "model shape does not match the flags" in lines[0] and "register_tokens: (4, 32) vs (4, 16)" in \
+            lines[0], lines[0]
     assert not os.path.exists(tmp_path / "out" / "checkpoint.pth")

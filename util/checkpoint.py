@@ -1,17 +1,22 @@
-"""Checkpoint I/O that never destroys the previous good state.
+"""Everything about a training run's files: the TrainState, resuming, checkpoints, log.txt, args.json, TensorBoard.
 
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over the target (atomic on POSIX), so a
 crash or a full disk mid-write leaves the old file as it was. Reads use `torch.load(weights_only=True)`; the only
 extra type allowed is `argparse.Namespace`, which TVL Stage 1 files carry.
 """
 import argparse
+import json
 import os
 import pickle
 import random
 import re
+import signal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+import util.dist as dist
 
 
 class CheckpointError(RuntimeError):
@@ -124,3 +129,199 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_dict_mismatch(own, loaded):
+    """None when `loaded` has exactly the keys and shapes of `own` (a module's state dict); else one line naming
+    a few of the differences, e.g. "2 mismatches, e.g. pos_embed: (1, 577, 192) vs (1, 197, 192); head.bias:
+    missing" (shapes: loaded vs own; missing: not in `loaded`; unexpected: only in `loaded`)."""
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in loaded.items()
+           if k in own and v.shape != own[k].shape]
+    bad += [f"{k}: missing" for k in own if k not in loaded]
+    bad += [f"{k}: unexpected" for k in loaded if k not in own]
+    return f"{len(bad)} mismatches, e.g. {'; '.join(bad[:5])}" if bad else None
+
+
+# ------------------------------------------------------------------------------------------- the run's files
+
+class Preempted(Exception):
+    """A run stopped by a signal, once checkpoint.pth holds its state."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: with the weights, the optimizer and the RNG states, what a checkpoint holds."""
+    epoch: int = 0  # the epoch in progress
+    next_step: int = 0  # batches of `epoch` already consumed (== steps per epoch: the epoch is finished)
+    global_step: int = 0  # optimizer steps so far (the TensorBoard step)
+    best: float = -1.0  # best val_mean_r1 so far
+    means: dict = None  # the epoch's running sums (engine's RunningMeans.state_dict()) when saved mid-epoch
+
+    def next_epoch(self):
+        self.epoch, self.next_step, self.means = self.epoch + 1, 0, None
+
+    def update_best(self, metric):
+        """True when `metric` beats the best so far (which it then becomes)."""
+        is_best = metric > self.best
+        self.best = max(self.best, metric)
+        return is_best
+
+
+class RunFiles:
+    """The output_dir of one run: checkpoint.pth / checkpoint-best.pth / checkpoint-<epoch>.pth, log.txt,
+    args.json and the TensorBoard events. Every rank holds one; rank 0 writes, and when a write fails every rank
+    raises together (one rank alone raising would leave the others waiting in a collective)."""
+
+    def __init__(self, args, model, optimizer, scaler, stage1_fingerprint):
+        self.args, self.model, self.optimizer, self.scaler = args, model, optimizer, scaler
+        self.fingerprint = stage1_fingerprint
+        self.resume_path = self.resolve_resume()
+        self.layout = None  # (world size, batch size) of the run that wrote the resumed checkpoint
+        self.writer = None  # TensorBoard, rank 0
+
+    def path(self, name):
+        return os.path.join(self.args.output_dir, name)
+
+    def resolve_resume(self):
+        if self.args.resume == "auto":
+            return self.path("checkpoint.pth") if os.path.isfile(self.path("checkpoint.pth")) else None
+        return self.args.resume or None
+
+    def resume(self):
+        """The TrainState to start from: the --resume checkpoint's (weights, optimizer, scaler and this rank's RNG
+        states loaded), or a fresh one, never over another run's output_dir (the demo always starts over)."""
+        if self.resume_path is None:
+            if self.args.eval_only:
+                raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {self.args.output_dir}")
+            if os.path.isfile(self.path("checkpoint.pth")) and not self.args.demo:
+                raise CheckpointError(f"--output_dir {self.args.output_dir} already holds a run (checkpoint.pth): "
+                                      f"pass --resume auto to continue it, or choose another --output_dir")
+            return TrainState()
+        ckpt = self.load(self.resume_path)
+        ranks = ckpt.get("rng_ranks") or []  # per rank; rank 0's alone when the world size changed
+        set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
+        self.layout = (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size"))
+        state = TrainState(ckpt["epoch"], ckpt["next_step"], ckpt["global_step"], ckpt.get("best_val_mean_r1", -1.0),
+                           ckpt.get("partial"))
+        if dist.is_main():
+            print(f"resumed from {self.resume_path}: epoch {state.epoch}, step {state.next_step}, best val_mean_r1 "
+                  f"{state.best:.2f}")
+        return state
+
+    def load(self, path):
+        """Loads a checkpoint into model/optimizer/scaler; refuses a foreign file, another Stage 1 or another model
+        shape."""
+        ckpt = load_torch_file(path, flag="--resume")
+        missing = [k for k in ("model", "optimizer", "epoch", "next_step", "global_step", "args", "stage1_fingerprint")
+                   if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path}: not a FluxTalk Stage 2 checkpoint (missing key(s) {', '.join(missing)})")
+        if ckpt["stage1_fingerprint"] != self.fingerprint:
+            raise CheckpointError(f"{path}: was trained on another Stage 1 (fingerprint "
+                                  f"{ckpt['stage1_fingerprint'][:12]} != {self.fingerprint[:12]} of "
+                                  f"--stage1_checkpoint/--clip_pretrained); refusing")
+        module = self.model.unwrapped_registers
+        mismatch = state_dict_mismatch(module.state_dict(), ckpt["model"])
+        if mismatch:
+            raise CheckpointError(f"{path}: model shape does not match the flags ({mismatch}); resume with the flags "
+                                  f"of that run (see its args)")
+        module.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        return ckpt
+
+    def continue_at(self, state, steps_per_epoch):
+        """An epoch-end checkpoint continues with the next epoch; a mid-epoch one only with the same ranks x batch
+        size (next_step counts this rank's batches: another split of the epoch would repeat or skip samples)."""
+        if state.next_step >= steps_per_epoch:
+            state.next_epoch()
+        elif state.next_step and self.layout != (self.args.world_size, self.args.batch_size):
+            raise CheckpointError(f"{self.resume_path}: stopped mid-epoch with {self.layout[0]} rank(s) x --batch_size "
+                                  f"{self.layout[1]}; resume it with the same, or from an epoch-end checkpoint")
+
+    def start(self, state):
+        """args.json, stale temp files gone, log.txt and TensorBoard cut back to where this run starts.
+
+        output_dir describes this run: a resume drops what it will re-run, a fresh start drops an older run's lines
+        and (purge_step=0) its TensorBoard events. Events at the checkpoint's own global_step (its last train/ line,
+        and the val/ ones of an epoch-end checkpoint) were written before it and are not re-run: keep them (+1).
+        """
+        if dist.is_main():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            remove_stale_temp_files(self.args.output_dir)
+            with open(self.path("args.json"), "w") as f:
+                json.dump(self.saved_args(), f, indent=2, default=str)
+            self.trim_log(state.epoch)
+        self.open_writer(state.global_step + 1 if self.resume_path else 0)
+
+    def open_writer(self, purge_step):
+        """TensorBoard on rank 0. purge_step drops events a crashed run logged past the resume point."""
+        if dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=self.args.log_dir, purge_step=purge_step)
+        return self.writer
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+    def saved_args(self):
+        return {k: v for k, v in vars(self.args).items() if k != "device_obj"}
+
+    def trim_log(self, start_epoch):
+        """Drop log.txt lines of epochs >= start_epoch (they will be re-run), so no epoch appears twice."""
+        if not os.path.isfile(self.path("log.txt")):
+            return
+        with open(self.path("log.txt")) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
+        atomic_write(self.path("log.txt"), lambda f: f.writelines(lines), mode="w")
+
+    def log(self, line):
+        """One JSON line appended to log.txt (rank 0)."""
+        if dist.is_main():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            append_line(self.path("log.txt"), json.dumps(line))
+
+    def save(self, state, names=("checkpoint.pth",)):
+        """Every rank: the checkpoint of `state` written by rank 0 under each name (atomically). Only what trains (the
+        register module), never the frozen Stage 1; state.means so that a resumed epoch logs the same averages."""
+        ckpt = {
+            "model": self.model.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": state.epoch,
+            "next_step": state.next_step,
+            "global_step": state.global_step,
+            "best_val_mean_r1": state.best,
+            "args": self.saved_args(),
+            "rng": rng_state(),  # rank 0's
+            "rng_ranks": dist.all_gather_object(rng_state()),  # every rank's (attention dropout draws differ per rank)
+            "stage1_fingerprint": self.fingerprint,
+            "partial": state.means,
+        }
+        error = None
+        if dist.is_main():
+            if self.writer is not None:
+                self.writer.flush()  # TensorBoard up to this step survives a kill -9 (a resume purges only later steps)
+            try:
+                for name in names:
+                    save_atomic(ckpt, self.path(name))
+            except CheckpointWriteError as e:
+                error = e
+        dist.raise_together(error, CheckpointWriteError(f"{self.path(names[0])}: rank 0 failed to write the "
+                                                        f"checkpoint (see its error)"))
+
+    def save_epoch_end(self, state, is_best):
+        """checkpoint.pth; checkpoint-best.pth when the epoch's val_mean_r1 is the best so far; checkpoint-<epoch>.pth
+        every --save_every epochs."""
+        names = ["checkpoint.pth"] + (["checkpoint-best.pth"] if is_best else [])
+        if self.args.save_every and (state.epoch + 1) % self.args.save_every == 0:
+            names.append(f"checkpoint-{state.epoch}.pth")
+        self.save(state, names)
+
+    def preempted(self, signum, state):
+        """The exception that ends a run stopped by a signal, once checkpoint.pth holds its state."""
+        self.close()
+        name = signal.Signals(signum).name if signum else "a stop request on another rank"
+        return Preempted(f"caught {name} at epoch {state.epoch} step {state.global_step}: wrote "
+                         f"{self.path('checkpoint.pth')}; resume with --resume auto")
