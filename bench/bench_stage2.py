@@ -301,7 +301,8 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device) if gpu else "cpu", "cpus": os.cpu_count(),
                        "threads": torch.get_num_threads(), "configs": result}, f, indent=2)
-    print(f"speedup_cached_vs_online={r['speedup_cached_vs_online']:.2f} overhead_online={r['online_over_encoder']:.2f}")
+    print(f"speedup_cached_vs_online={r['speedup_cached_vs_online']:.2f} "
+          f"overhead_online={r['online_over_encoder']:.2f}")
 
 
 if __name__ == "__main__":

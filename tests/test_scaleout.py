@@ -5,7 +5,7 @@
   launcher and everything under it) a rerun of both with --resume auto ends with the uninterrupted weights;
 - preemption under torchrun (2.14): SIGTERM to the launcher is forwarded to the workers, which write checkpoint.pth and
   exit 75, but torchrun itself exits 1; SIGUSR1 is forwarded only with --signals_to_handle. scripts/
-  train_tvl_multigpu.sh passes that flag and turns the outcome back into 75.
+  train_tvl_multigpu.sh passes either signal on as SIGTERM and turns the outcome back into 75.
 
 Every run uses OMP_NUM_THREADS=1 per process, so a process computes the same thing whichever launcher started it.
 """
@@ -235,9 +235,9 @@ def test_torchrun_without_signals_to_handle_dies_on_sigusr1_and_orphans_its_work
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_multigpu_script_exits_75_on_a_stop_signal_and_resumes(sig, tiny_stage1_files, data, reference, tmp_path):
-    """scripts/train_tvl_multigpu.sh (NGPUS=2 CPU processes): the signal to the script reaches both workers, they save,
-    the script exits 75 (what a requeue-on-75 scheduler needs); the same command then finishes the run with the
-    uninterrupted weights."""
+    """scripts/train_tvl_multigpu.sh (NGPUS=2 CPU processes): the signal to the script reaches both workers (as
+    SIGTERM, through torchrun), they save, the script exits 75 (what a requeue-on-75 scheduler needs); the same command
+    then finishes the run with the uninterrupted weights."""
     out = str(tmp_path / "run")
     ckpt, _ = tiny_stage1_files
     env = {"STAGE1": ckpt, "DATA": data, "OUT": out, "NGPUS": "2", "STOP_TIMEOUT": "120"}
@@ -247,7 +247,7 @@ def test_multigpu_script_exits_75_on_a_stop_signal_and_resumes(sig, tiny_stage1_
     rc, ck = stop_midway(proc, sig, out)
     text = proc.text()
     assert rc == EXIT_PREEMPTED, text[-3000:]
-    assert text.count(f"stopped: caught {sig.name} at epoch 0") == 2, text[-3000:]
+    assert text.count("stopped: caught SIGTERM at epoch 0") == 2, text[-3000:]
     assert f"stopped by SIG{sig.name[3:]}, {out}/checkpoint.pth written; exit 75" in text
     assert ck["epoch"] == 0 and 2 <= ck["next_step"] <= 4
 
