@@ -117,7 +117,8 @@ def main():
     p.add_argument("--budget_s", type=float, default=None, help="time box (default: 480, dry run 170)")
     a = p.parse_args()
     if not a.dry_run and not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device visible (use --dry-run to check the script on the CPU)")
+        print("gpu_check: no CUDA device visible (use --dry-run to check the script on the CPU)", file=sys.stderr)
+        return 2
     t0 = time.time()
     deadline = t0 + (a.budget_s or (170 if a.dry_run else 480))
     report = {"dry_run": a.dry_run, "cpus": os.cpu_count(), "torch": torch.__version__,

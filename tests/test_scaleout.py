@@ -190,6 +190,21 @@ def test_two_nodes_killed_then_both_rerun_with_resume_auto_match(tiny_stage1_fil
 
 # ------------------------------------------------------------------------------------------------ preemption
 
+def test_sigterm_to_one_node_stops_every_rank_of_both_nodes(tiny_stage1_files, data, tmp_path):
+    """A signal that reaches one node only (node 0's launcher): its worker saves and tells the other rank, which
+    stops at the same step; both launchers exit 1 (node 0: the re-raised signal; node 1: its worker's 75)."""
+    out = str(tmp_path / "run")
+    nodes = two_node_launchers(flags(tiny_stage1_files, data, out), str(tmp_path / "logs"))
+    nodes[0].wait_for("epoch 0 [2/4] loss")
+    os.kill(nodes[0].proc.pid, signal.SIGTERM)
+    assert [n.wait(timeout=200) for n in nodes] == [1, 1], nodes[0].tail() + nodes[1].tail()
+    assert "stopped: caught SIGTERM at epoch 0" in nodes[0].text()
+    assert "stopped: caught a stop request on another rank at epoch 0" in nodes[1].text(), nodes[1].tail()
+    assert "exitcode  : 75" in nodes[1].text(), nodes[1].tail()
+    ck = load(os.path.join(out, "checkpoint.pth"))
+    assert ck["epoch"] == 0 and 2 <= ck["next_step"] <= 4
+
+
 def stop_midway(proc, sig, out):
     proc.wait_for("epoch 0 [2/4] loss")
     os.kill(proc.proc.pid, sig)  # the launcher alone, as a scheduler signalling the job's main process
