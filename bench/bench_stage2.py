@@ -17,8 +17,11 @@ Per configuration: the cache is built with cache_features.py's own code, then
   (encoder forward + module step) / module step;
 - peak memory: CUDA max allocated per mode (Stage 1 is not on the GPU in the cached mode); on CPU the peak RSS of the
   resident weights + optimizer state of the mode (Stage 1 only online) + the peak RSS growth during its steps.
-The last line is `speedup_cached_vs_online=<x> overhead_online=<y>` for the bench configuration.
+The last line is `speedup_cached_vs_online=<x> overhead_online=<y>` for the bench configuration; --json PATH also
+writes every number of every configuration (bench/gpu_check.sh reads it). The model FLOP utilisation (MFU) divides
+the encoder forward's achieved FLOP/s by a dense square matmul's, measured in the same run in the same precision.
 """
+import json
 import argparse
 import math
 import os
@@ -108,6 +111,19 @@ def tensor_bytes(*modules_or_optimizers):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device, dtype, n, iters):
+    """Achieved TFLOP/s of an (n, n) @ (n, n) matmul: the practical peak the encoder's FLOP rate is compared with."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
 
 
 def module_step(model, criterion, optimizer, feats, device, precision):
@@ -228,13 +244,24 @@ def run_config(config, a, device, folder):
     print(f"FLOPs per batch: encoder forward {flops_enc / 1e9:.1f} G ({flops_enc / 1e9 / a.batch_size:.1f} G/sample), "
           f"module step {flops_module / 1e9:.2f} G -> ideal speedup {ideal:.1f}x; measured {speedup:.1f}x "
           f"({100 * speedup / ideal:.0f}% of ideal); online overhead {overhead:.3f}")
+    enc_tflops = flops_enc / online["enc"] / 1e12
+    peak = matmul_tflops(device, torch.bfloat16 if precision == "amp_bf16" else torch.float32, *a.matmul)
+    print(f"encoder forward {enc_tflops:.2f} TFLOP/s; dense {a.matmul[0]}^2 matmul ({precision}) {peak:.2f} TFLOP/s "
+          f"in this run -> MFU {100 * enc_tflops / peak:.1f}%")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        mfu = f"{100 * flops_enc / online['enc'] / (peak * 1e12):.1f}%" if peak else "n/a (pass --peak_tflops)"
-        print(f"{name}: encoder forward {flops_enc / online['enc'] / 1e12:.1f} TFLOP/s, MFU {mfu}; "
+        spec = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        mfu = f"{100 * enc_tflops / spec:.1f}%" if spec else "n/a (pass --peak_tflops)"
+        print(f"{name}: encoder forward {enc_tflops:.1f} TFLOP/s, MFU vs datasheet {mfu}; "
               f"cached data wait {100 * cached['data'] / (cached['data'] + cached['mod']):.0f}% of the step")
-    return speedup, overhead
+    return dict(batch_size=a.batch_size, precision=precision, online_samples_per_s=online["sps"],
+                cached_samples_per_s=cached["sps"], encoder_samples_per_s=a.batch_size / online["enc"],
+                online_data_ms=1e3 * online["data"], encoder_ms=1e3 * online["enc"], module_ms=1e3 * online["mod"],
+                cached_data_ms=1e3 * cached["data"], cached_module_ms=1e3 * cached["mod"],
+                peak_mb_online=mem_online, peak_mb_cached=mem_cached, encoder_gflops_per_batch=flops_enc / 1e9,
+                module_gflops_per_batch=flops_module / 1e9, encoder_tflops=enc_tflops, matmul_peak_tflops=peak,
+                mfu=enc_tflops / peak, speedup_cached_vs_online=speedup, ideal_speedup=ideal,
+                online_over_encoder=overhead)
 
 
 def main():
@@ -248,7 +275,10 @@ def main():
     p.add_argument("--model_flags", default="", help="main_train_stage2 model flags to try, e.g. "
                                                       "'--register_width 128' (default: main's defaults)")
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: CPU 0, CUDA 8)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="GPU dense bf16 peak, for the MFU")
+    p.add_argument("--peak_tflops", type=float, default=None, help="GPU dense bf16 datasheet peak, for a second MFU")
+    p.add_argument("--matmul", type=int, nargs=2, default=None, metavar=("N", "ITERS"),
+                   help="the measured matmul peak: size and repetitions (default: CUDA 8192 50, CPU 1024 5)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
     a = p.parse_args()
     device = torch.device(a.device)
     gpu = device.type == "cuda"
@@ -256,6 +286,7 @@ def main():
     a.warmup = a.warmup if a.warmup is not None else (3 if gpu else 0)
     a.cached_batches = a.cached_batches or (200 if gpu else 6)
     a.num_workers = a.num_workers if a.num_workers is not None else (8 if gpu else 0)
+    a.matmul = a.matmul or ((8192, 50) if gpu else (1024, 5))
     t = time.perf_counter()
     result = {}
     for config in a.configs:
@@ -263,8 +294,13 @@ def main():
             result[config] = run_config(config, a, device, folder)
     print(f"\ntotal {time.perf_counter() - t:.0f}s on {os.cpu_count()} CPUs"
           + (f" + {torch.cuda.get_device_name(device)}" if gpu else ""))
-    speedup, overhead = result.get("bench", result[a.configs[-1]])
-    print(f"speedup_cached_vs_online={speedup:.2f} overhead_online={overhead:.2f}")
+    r = result.get("bench", result[a.configs[-1]])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device) if gpu else "cpu", "cpus": os.cpu_count(),
+                       "threads": torch.get_num_threads(), "configs": result}, f, indent=2)
+    print(f"speedup_cached_vs_online={r['speedup_cached_vs_online']:.2f} "
+          f"overhead_online={r['online_over_encoder']:.2f}")
 
 
 if __name__ == "__main__":
