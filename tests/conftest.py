@@ -145,7 +145,7 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def tensorboard(out):
+def read_tensorboard(out):
     """The run's TensorBoard events as TensorBoard shows them (EventAccumulator applies purge_step), all kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
@@ -155,5 +155,5 @@ def tensorboard(out):
 
 def scalars(out):
     """{tag: [(step, value)]} of the run's TensorBoard scalars."""
-    acc = tensorboard(out)
+    acc = read_tensorboard(out)
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}

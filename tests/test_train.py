@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main_train_stage2 as main_mod
-from conftest import MAIN, ROOT, TINY_REGISTERS, launch_command, load, read_log, stage1_flags, tensorboard
+from conftest import MAIN, ROOT, TINY_REGISTERS, launch_command, load, read_log, read_tensorboard, stage1_flags
 from util.misc import MODALITIES, modality_pairs, pair_name
 
 PAIRS = [pair_name(a, b) for a, b in modality_pairs(MODALITIES)]
@@ -78,7 +78,7 @@ def test_torchrun_two_processes_writes_every_artifact(ddp_run):
 @pytest.mark.slow
 def test_torchrun_two_processes_tensorboard_holds_scalars_and_images(ddp_run):
     out, _ = ddp_run
-    ea = tensorboard(out)
+    ea = read_tensorboard(out)
     scalars, images = set(ea.Tags()["scalars"]), set(ea.Tags()["images"])
     expected = {"train/loss", "train/contrastive", "train/comp_l2", "train/comp_div", "train/recon",
                 "train/logit_scale", "train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_frac",
