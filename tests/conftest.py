@@ -1,12 +1,31 @@
+"""Fixtures and helpers shared by the test files: the tiny Stage 1 and synthetic TVL data, command lines, process
+launchers (python / torchrun, CPU), and readers for what a run writes (checkpoints, log.txt, TensorBoard).
+
+Test files import the helpers with `from conftest import ...` (pytest puts tests/ on sys.path). Tests that train or
+launch a run are marked `slow`: `python -m pytest -q -m "not slow"` is the fast loop.
+"""
+import json
 import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 # Tests import the top-level modules (flat layout, as MAE / TVL): put the repo root on the path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+MAIN = os.path.join(ROOT, "main_train_stage2.py")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+# A register module small enough to train in seconds on CPU.
+TINY_REGISTERS = ["--register_width", "32", "--register_depth", "1", "--register_heads", "2"]
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
 def tiny_stage1_files(tmp_path_factory):
@@ -30,3 +49,111 @@ def synthetic_tvl(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tvl"))
     make_synthetic_tvl(out, n_ssvtp=48, n_hct=48, seed=0)
     return out
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+def stage1_flags(tiny_stage1_files):
+    """The flags that select the tiny Stage 1 of the tiny_stage1_files fixture."""
+    ckpt, clip = tiny_stage1_files
+    return ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(script, nproc=1):
+    """(argv, env) that run `script` in one python process, or under torchrun as `nproc` CPU processes on a free
+    port; each rank then gets one intra-op thread, as the ranks share the cores."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if nproc == 1:
+        return [sys.executable, script], env
+    env["OMP_NUM_THREADS"] = "1"
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", script], env
+
+
+class Run:
+    """One training process (or torchrun and its workers) in its own session, output in files under `out`."""
+
+    def __init__(self, argv, out, nproc=1, script=MAIN):
+        self.out = str(out)
+        os.makedirs(self.out, exist_ok=True)
+        n = len([f for f in os.listdir(self.out) if f.startswith("stdout")])
+        self.stdout_path = os.path.join(self.out, f"stdout{n}.txt")
+        self.stderr_path = os.path.join(self.out, f"stderr{n}.txt")
+        cmd, env = launch_command(script, nproc)
+        with open(self.stdout_path, "w") as so, open(self.stderr_path, "w") as se:
+            self.proc = subprocess.Popen(cmd + argv, cwd=ROOT, env=env, stdout=so, stderr=se,
+                                         start_new_session=True)
+
+    def stdout(self):
+        with open(self.stdout_path) as f:
+            return f.read()
+
+    def stderr(self):
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def steps_done(self):
+        """(epoch, step) of the last printed training step ('epoch E [S/N] loss ...'), or None; and N."""
+        hits = re.findall(r"^epoch (\d+) \[(\d+)/(\d+)\] loss", self.stdout(), flags=re.M)
+        if not hits:
+            return None, None
+        e, s, n = map(int, hits[-1])
+        return (e, s), n
+
+    def wait_for_step(self, epoch, step, timeout=240):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            done, n = self.steps_done()
+            if done is not None and done >= (epoch, step):
+                return done, n
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {self.proc.returncode}) before epoch {epoch} step {step}\n"
+                                     + self.tail())
+            time.sleep(0.02)
+        raise AssertionError(f"epoch {epoch} step {step} not reached in {timeout}s\n" + self.tail())
+
+    def signal(self, sig):
+        os.killpg(self.proc.pid, sig)  # the whole group: DataLoader workers (and torchrun's workers) too
+
+    def wait(self, timeout=300):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"run did not end within {timeout}s\n" + self.tail())
+
+    def tail(self):
+        return f"--- stdout\n{self.stdout()[-3000:]}\n--- stderr\n{self.stderr()[-3000:]}"
+
+
+# --------------------------------------------------------------------------------- what a run writes
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(out):
+    """log.txt: one JSON object per line."""
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_tensorboard(out):
+    """The run's TensorBoard events as TensorBoard shows them (EventAccumulator applies purge_step), all kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(out):
+    """{tag: [(step, value)]} of the run's TensorBoard scalars."""
+    acc = read_tensorboard(out)
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}

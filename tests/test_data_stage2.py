@@ -264,10 +264,32 @@ def test_val_and_test_never_augment(synth, tok):
     assert D.build_dataset(args, "val", tok, VT, seed=0, augment=True).augment
 
 
-def test_item_seed_is_a_fixed_function():
-    assert D.item_seed(0, 0, 0) == D.item_seed(0, 0, 0) < 2 ** 63
+def test_item_seeds_are_distinct_63_bit_values():
     seeds = {D.item_seed(s, e, i, m) for s in range(3) for e in range(3) for i in range(50) for m in range(3)}
-    assert len(seeds) == 3 * 3 * 50 * 3
+    assert len(seeds) == 3 * 3 * 50 * 3 and max(seeds) < 2 ** 63
+
+
+def test_a_key_gives_the_same_draw_in_another_process(synth, tmp_path):
+    """Loader workers, ranks and resumed runs are other processes: there the same (seed, epoch, index) must give the
+    same augmented item and the same (seed, step, rank) the same nested-dropout mask, whatever Python's hash salt
+    (PYTHONHASHSEED) and the global RNG states."""
+    import subprocess
+    import sys
+
+    import seed_draws
+    from conftest import ROOT
+    here = seed_draws.draws(synth)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED="1" if os.environ.get("PYTHONHASHSEED") != "1" else "2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "seed_draws.py"), synth, str(tmp_path / "d.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    there = torch.load(tmp_path / "d.pt", weights_only=True)
+    assert there["text"] == here["text"]
+    for k in ("vision", "tactile", "keep"):
+        assert torch.equal(there[k], here[k]), k
+    # ...and the keys draw different things, so the equality above is not that of constants
+    assert len(set(here["text"])) > 1 and not torch.equal(here["keep"][1], here["keep"][2])
+    assert all(not torch.equal(here["vision"][0], v) for v in here["vision"][1:])
 
 
 # ----------------------------------------------------------------------------- preprocessing vs the reference ops

@@ -4,9 +4,12 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_demo_learns_well_above_chance_and_writes_a_real_run(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "main_train_stage2.py", "--demo", "--output_dir", str(out)], cwd=ROOT,

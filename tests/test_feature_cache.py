@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,8 @@ from torch.utils.data import default_collate
 import cache_features
 import data_stage2 as D
 import main_train_stage2 as M
+from conftest import ROOT, TINY_REGISTERS, launch_command, scalars, stage1_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = 4  # samples per shard: several shards even on the small test split
 
 
@@ -31,11 +30,6 @@ def small_tvl(tmp_path_factory):
     return out
 
 
-def stage1_flags(tiny_stage1_files):
-    ckpt, clip = tiny_stage1_files
-    return ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip]
-
-
 def cache_flags(tiny_stage1_files, data, out, *extra):
     return stage1_flags(tiny_stage1_files) + ["--datasets_dir", data, "--output", str(out), "--device", "cpu",
                                               "--num_workers", "0", "--shard_size", str(SHARD), "--batch_size", "3",
@@ -44,7 +38,8 @@ def cache_flags(tiny_stage1_files, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def cache(tiny_stage1_files, small_tvl, tmp_path_factory):
-    """A clean one-process cache of train (view 0 + 1 augmented view) and val, all three modalities."""
+    """A clean one-process cache of train (view 0 + 1 augmented view) and val, all three modalities.
+    It runs the caching tool over both splits: the tests that use it are marked slow."""
     out = tmp_path_factory.mktemp("cache") / "c"
     assert cache_features.main(cache_flags(tiny_stage1_files, small_tvl, out, "--cache_views", "1")) == 0
     return str(out)
@@ -69,6 +64,7 @@ def assert_same_cache(a, b, split, modalities=("vision", "tactile", "text")):
     assert {k: v for k, v in meta_a.items() if k not in ignore} == {k: v for k, v in meta_b.items() if k not in ignore}
 
 
+@pytest.mark.slow
 def test_views_are_stage1_features_of_the_pipeline_inputs(cache, small_tvl, tiny_stage1):
     """View 0 = Stage 1 on the un-augmented inputs; view 1 = on the augmented inputs of epoch 1, same (seed, index)."""
     args = D.add_data_args(__import__("argparse").ArgumentParser()).parse_args(["--datasets_dir", small_tvl])
@@ -92,6 +88,7 @@ def test_views_are_stage1_features_of_the_pipeline_inputs(cache, small_tvl, tiny
     assert np.array_equal(np.load(os.path.join(folder, "index.npy")), np.arange(12, 16))
 
 
+@pytest.mark.slow
 def test_cached_dataset_picks_one_augmented_view_per_epoch(cache):
     meta = json.load(open(os.path.join(cache, "train", "meta.json")))
     plain = D.CachedFeatureDataset(cache, "train", meta, ("vision", "text"), seed=0, augment=False)
@@ -109,18 +106,16 @@ def train_flags(tiny_stage1_files, data, out, *extra):
     # --no_augment, nested dropout 0, no attention dropout: the only difference left is the fp16 rounding of features
     return stage1_flags(tiny_stage1_files) + [
         "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--epochs", "1", "--batch_size", "6",
-        "--register_width", "32", "--register_depth", "1", "--register_heads", "2", "--num_workers", "0",
+        *TINY_REGISTERS, "--num_workers", "0",
         "--print_freq", "1", "--warmup_epochs", "0", "--lr", "1e-3", "--no_augment", "--nested_dropout_rate", "0",
         *extra]
 
 
 def step_losses(out):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(out), size_guidance={"scalars": 0})
-    ea.Reload()
-    return [e.value for e in ea.Scalars("train/loss")]
+    return [v for _, v in scalars(out)["train/loss"]]
 
 
+@pytest.mark.slow
 def test_training_from_cache_equals_online_training(cache, small_tvl, tiny_stage1_files, tmp_path):
     """3 steps (19 train samples // batch 6) + evaluation, online vs from the cache, same seed.
 
@@ -141,24 +136,18 @@ def test_training_from_cache_equals_online_training(cache, small_tvl, tiny_stage
     assert val[0] == val[1] and len(val[0]) > 10
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_processes_write_the_same_cache(cache, small_tvl, tiny_stage1_files, tmp_path):
     out = tmp_path / "c2"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "cache_features.py")] + cache_flags(tiny_stage1_files, small_tvl, out, "--cache_views", "1",
-                                                                   "--splits", "train")
+    cmd, env = launch_command(os.path.join(ROOT, "cache_features.py"), nproc=2)
+    cmd += cache_flags(tiny_stage1_files, small_tvl, out, "--cache_views", "1", "--splits", "train")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "rank 1: train: wrote 2 shard(s)" in proc.stdout  # shards 1 and 3 of 5: the work was really split
     assert_same_cache(cache, str(out), "train")
 
 
+@pytest.mark.slow
 def test_killed_run_completes_without_redoing_finished_shards(cache, small_tvl, tiny_stage1_files, tmp_path):
     out = tmp_path / "c"
     # vision + text only (no tactile ViT): half the cost, and still compared with the clean all-modality cache
@@ -197,6 +186,7 @@ def run_main(argv, capsys):
     return code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_files, tiny_stage1, tmp_path, capsys):
     from tools.make_tiny_stage1 import make_tiny_stage1
     # another Stage 1 (other tactile weights): refused by main, exit 2, one line

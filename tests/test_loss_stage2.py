@@ -1,5 +1,3 @@
-import socket
-
 import open_clip
 import pytest
 import torch
@@ -8,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ddp_loss_worker
+from conftest import free_port
 from loss_stage2 import (Stage2Loss, complementary_masks, complementary_terms, contrastive_loss, masked_mean,
                          prefix_curve, recall_at_k, residual_term, text_threshold_accuracy)
 from tvl_stage2 import residual_input
@@ -275,17 +274,12 @@ def test_recall_at_k_and_text_accuracy_and_prefix_curve():
     assert curve["a2b"] == pytest.approx([100 / N, 100.0]) and curve["b2a"] == pytest.approx([100 / N, 100.0])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
     module, loss_fn, tokens, pad, glob, keep = ddp_loss_worker.build_case()
     total, terms = ddp_loss_worker.step(module, loss_fn, tokens, pad, glob, keep, slice(None))
     path = tmp_path / "ddp.pt"
-    mp.spawn(ddp_loss_worker.worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    mp.spawn(ddp_loss_worker.worker, args=(2, free_port(), str(path)), nprocs=2, join=True)
     result = torch.load(path, weights_only=True)
     assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0 and terms["residual"] > 0
     assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0)

@@ -1,3 +1,6 @@
+import os
+
+from conftest import ROOT
 from util.misc import modality_pairs, pair_name
 
 
@@ -9,11 +12,9 @@ def test_pairs_are_all_unordered_pairs_sorted_by_name():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    with open(os.path.join(root, ".ci", "run")) as f:
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci_command = [ln for ln in f.read().splitlines() if ln.startswith("python3 -m venv")][0]
     assert "pytest" in ci_command and f"```bash\n{ci_command}\n```" in readme
 

@@ -11,107 +11,32 @@ The kill moment is a seeded random choice (RESUME_TEST_SEED, printed on failure)
 the first step-level checkpoint, plus a random delay inside that step.
 """
 import errno
-import json
 import os
 import random
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(ROOT, "main_train_stage2.py")
+from conftest import TINY_REGISTERS, Run, load, read_log, scalars, stage1_flags
+
 SEED = int(os.environ.get("RESUME_TEST_SEED", "0"))
 EXIT_PREEMPTED = 75
 SAVE_EVERY = 2
+pytestmark = pytest.mark.slow  # every test here trains (killed, resumed) or needs a trained reference run
 
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def flags(files, data, out, modalities=None, extra=()):
-    ckpt, clip = files
-    f = ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip,
-         "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
-         "--register_width", "32", "--register_depth", "1", "--register_heads", "2",
-         "--save_every_steps", str(SAVE_EVERY), "--num_workers", "2", "--nested_dropout_rate", "0.5",
-         "--print_freq", "1", "--lr", "2e-3", "--warmup_epochs", "1", "--seed", "3", "--resume", "auto"]
+    f = stage1_flags(files) + [
+        "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
+        *TINY_REGISTERS, "--save_every_steps", str(SAVE_EVERY), "--num_workers", "2", "--nested_dropout_rate", "0.5",
+        "--print_freq", "1", "--lr", "2e-3", "--warmup_epochs", "1", "--seed", "3", "--resume", "auto"]
     if modalities:
         f += ["--active_modality_names", *modalities]
     return f + list(extra)
-
-
-class Run:
-    """One training process (or torchrun and its workers) in its own session, output in files."""
-
-    def __init__(self, argv, out, nproc=1):
-        self.out = str(out)
-        os.makedirs(self.out, exist_ok=True)
-        n = len([f for f in os.listdir(self.out) if f.startswith("stdout")])
-        self.stdout_path = os.path.join(self.out, f"stdout{n}.txt")
-        self.stderr_path = os.path.join(self.out, f"stderr{n}.txt")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if nproc > 1:
-            env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
-            launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                        "--master_port", str(free_port())]
-        else:
-            launcher = [sys.executable]
-        with open(self.stdout_path, "w") as so, open(self.stderr_path, "w") as se:
-            self.proc = subprocess.Popen(launcher + [MAIN] + argv, cwd=ROOT, env=env, stdout=so, stderr=se,
-                                         start_new_session=True)
-
-    def stdout(self):
-        with open(self.stdout_path) as f:
-            return f.read()
-
-    def stderr(self):
-        with open(self.stderr_path) as f:
-            return f.read()
-
-    def steps_done(self):
-        """(epoch, step) of the last printed training step ('epoch E [S/N] loss ...'), or None; and N."""
-        hits = re.findall(r"^epoch (\d+) \[(\d+)/(\d+)\] loss", self.stdout(), flags=re.M)
-        if not hits:
-            return None, None
-        e, s, n = map(int, hits[-1])
-        return (e, s), n
-
-    def wait_for_step(self, epoch, step, timeout=240):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            done, n = self.steps_done()
-            if done is not None and done >= (epoch, step):
-                return done, n
-            if self.proc.poll() is not None:
-                raise AssertionError(f"run ended (rc {self.proc.returncode}) before epoch {epoch} step {step}\n"
-                                     + self.tail())
-            time.sleep(0.02)
-        raise AssertionError(f"epoch {epoch} step {step} not reached in {timeout}s\n" + self.tail())
-
-    def signal(self, sig):
-        os.killpg(self.proc.pid, sig)  # the whole group: DataLoader workers (and torchrun's workers) too
-
-    def wait(self, timeout=300):
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait()
-            raise AssertionError(f"run did not end within {timeout}s\n" + self.tail())
-
-    def tail(self):
-        return f"--- stdout\n{self.stdout()[-3000:]}\n--- stderr\n{self.stderr()[-3000:]}"
 
 
 def run_to_end(argv, out, nproc=1):
@@ -119,10 +44,6 @@ def run_to_end(argv, out, nproc=1):
     rc = r.wait()
     assert rc == 0, r.tail()
     return r
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_model(out, ref_out, context=""):
@@ -140,11 +61,6 @@ def assert_same_model(out, ref_out, context=""):
             assert torch.equal(s[k], s_ref[k]), f"{context}: optimizer state {pid}.{k} differs"
 
 
-def read_log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
-
-
 def assert_same_log(out, ref_out):
     """One line per epoch, none duplicated or dropped; the validation metrics of the resumed run are the reference's,
     and so are the epoch's training averages (the running sums travel in the mid-epoch checkpoint; under DDP they
@@ -157,14 +73,6 @@ def assert_same_log(out, ref_out):
                                                                            if k.startswith("val_")}
         for k in ("train_loss", "train_contrastive", "train_comp_l2", "train_logit_scale"):
             assert g[k] == pytest.approx(r[k], rel=1e-6, abs=1e-7), k
-
-
-def scalars(out):
-    """{tag: [(step, value)]} as TensorBoard shows them (EventAccumulator applies purge_step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
 
 def assert_same_tensorboard(out, ref_out):

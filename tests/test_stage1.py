@@ -15,10 +15,9 @@ import timm
 import torch
 import torch.nn as nn
 
+from conftest import ROOT, stage1_flags
 from stage1 import Stage1Error, build_stage1
 from tools.make_tiny_stage1 import make_tiny_stage1
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def save_tvl_checkpoint(path, tactile, args, logit_scale=math.log(1 / 0.07), extra=None):
@@ -146,14 +145,14 @@ def test_frozen_eval_and_no_autograd(tiny_stage1):
     assert len(tensors) == 7 and all(t.grad_fn is None and not t.requires_grad for t in tensors)
 
 
+@pytest.mark.slow
 def test_active_modalities_and_fingerprint_across_processes(tiny, tiny_stage1):
     s1 = build_stage1(tiny[0], "fluxtalk-tiny", tiny[1], active_modalities=("tactile", "text"))
     out = s1({"vision": torch.randn(1, 3, 224, 224), "tactile": torch.randn(1, 3, 224, 224),
               "text": s1.tokenizer(["soft"])})
     assert set(out["tokens"]) == {"tactile", "text"} and set(s1.feature_dims) == {"tactile", "text"}
     # Same files in a fresh process (the CLI): the same fingerprint.
-    r = subprocess.run([sys.executable, "stage1.py", "--stage1_checkpoint", tiny[0], "--clip_model",
-                        "fluxtalk-tiny", "--clip_pretrained", tiny[1]], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "stage1.py", *stage1_flags(tiny)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"fingerprint {tiny_stage1.fingerprint}" in r.stdout
     # ...and it tracks the weights actually loaded: other CLIP weights (random init) give another one.
@@ -211,6 +210,7 @@ def test_bad_clip_flags(tiny):
     raises(["--clip_pretrained", tiny[0], "cannot load it into fluxtalk-tiny"], tiny[0], "fluxtalk-tiny", tiny[0])
 
 
+@pytest.mark.slow
 def test_cli_known_tag_download_fails_offline(tiny):
     # HF_HUB_OFFLINE is read when huggingface_hub is imported, so a fresh process is the only reliable way to
     # be sure nothing is downloaded; the download fails before any ViT-L-14 is instantiated.

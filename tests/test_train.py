@@ -2,17 +2,15 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import main_train_stage2 as main_mod
+from conftest import MAIN, ROOT, TINY_REGISTERS, launch_command, load, read_log, read_tensorboard, stage1_flags
 from util.misc import MODALITIES, modality_pairs, pair_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = [pair_name(a, b) for a, b in modality_pairs(MODALITIES)]
 SEED_COMMAND = ["--stage1_checkpoint", "tvl_enc_vittiny.pth", "--batch_size", "64", "--epochs", "100",
                 "--num_register_tokens", "4", "--num_overlapping_tokens", "3", "--nested_dropout_rate", "0.5",
@@ -20,38 +18,19 @@ SEED_COMMAND = ["--stage1_checkpoint", "tvl_enc_vittiny.pth", "--batch_size", "6
                 "--datasets_dir", "/data/tvl", "--datasets", "ssvtp", "hct"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def small_run_flags(tiny_stage1_files, data_dir, out_dir, epochs=2):
-    ckpt, clip = tiny_stage1_files
-    return ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip,
-            "--datasets_dir", data_dir, "--device", "cpu", "--output_dir", str(out_dir), "--epochs", str(epochs),
-            "--batch_size", "8", "--register_width", "32", "--register_depth", "1", "--register_heads", "2",
-            "--num_workers", "0", "--print_freq", "2", "--warmup_epochs", "1", "--lr", "1e-3", "--save_every", "1"]
+    return stage1_flags(tiny_stage1_files) + [
+        "--datasets_dir", data_dir, "--device", "cpu", "--output_dir", str(out_dir), "--epochs", str(epochs),
+        "--batch_size", "8", *TINY_REGISTERS, "--num_workers", "0", "--print_freq", "2", "--warmup_epochs", "1",
+        "--lr", "1e-3", "--save_every", "1"]
 
 
 def run_training(flags, nproc=1, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + [os.path.join(ROOT, "main_train_stage2.py")] + flags, cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    cmd, env = launch_command(MAIN, nproc)
+    proc = subprocess.run(cmd + flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.txt")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +41,7 @@ def ddp_run(tiny_stage1_files, synthetic_tvl, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_writes_every_artifact(ddp_run):
     out, proc = ddp_run
     files = set(os.listdir(out))
@@ -95,11 +75,10 @@ def test_torchrun_two_processes_writes_every_artifact(ddp_run):
     assert best["epoch"] == best_epoch
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_tensorboard_holds_scalars_and_images(ddp_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _ = ddp_run
-    ea = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
+    ea = read_tensorboard(out)
     scalars, images = set(ea.Tags()["scalars"]), set(ea.Tags()["images"])
     expected = {"train/loss", "train/contrastive", "train/comp_l2", "train/comp_div", "train/recon",
                 "train/logit_scale", "train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_frac",
@@ -116,6 +95,7 @@ def test_torchrun_two_processes_tensorboard_holds_scalars_and_images(ddp_run):
     assert [e.step for e in ea.Scalars("val/mean_r1")][-1] == load(os.path.join(out, "checkpoint.pth"))["global_step"]
 
 
+@pytest.mark.slow
 def test_resume_auto_after_a_finished_epoch_matches_the_uninterrupted_run(ddp_run, tiny_stage1_files,
                                                                           synthetic_tvl, tmp_path):
     """Restart from the end of epoch 0 (as a crash right after it would leave output_dir) and finish under
@@ -141,6 +121,7 @@ def test_resume_auto_after_a_finished_epoch_matches_the_uninterrupted_run(ddp_ru
     assert [line["epoch"] for line in read_log(tmp_path)] == [0, 1]
 
 
+@pytest.mark.slow
 def test_eval_only_prints_and_logs_metrics_and_writes_no_checkpoint(ddp_run, tiny_stage1_files, synthetic_tvl,
                                                                      tmp_path):
     full, _ = ddp_run
@@ -156,6 +137,7 @@ def test_eval_only_prints_and_logs_metrics_and_writes_no_checkpoint(ddp_run, tin
     assert line["val_mean_r1"] == pytest.approx(best_line["val_mean_r1"])
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_an_output_dir_that_holds_a_run(ddp_run, tiny_stage1_files, synthetic_tvl, tmp_path,
                                                           capsys):
     full, _ = ddp_run
