@@ -24,14 +24,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
-from data_stage2 import DataError, add_data_args, build_cached_dataset, build_dataset
+from data_stage2 import DataError, add_data_args, build_dataset
 from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
+from feature_cache import build_cached_dataset
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
 from util.checkpoint import (CheckpointError, CheckpointWriteError, append_line, atomic_write, load_torch_file,
                               remove_stale_temp_files, rng_state, save_atomic, set_rng_state)
-from util.misc import MODALITIES, in_canonical_order, modality_pairs, pair_name
+from tools.demo import apply_demo_defaults, prepare_demo, print_demo_summary
+from util.misc import MODALITIES, headline_keys, in_canonical_order
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. resume
@@ -143,35 +145,6 @@ def parse_args(argv=None):
         args.nested_dropout_ramp_epochs = float(args.epochs)
     args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
-
-
-# ------------------------------------------------------------------------------------------------------ demo
-
-DEMO = dict(epochs=8, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=2, print_freq=5, nested_dropout_rate=0.5,
-            device="cpu")
-
-
-def apply_demo_defaults(args, parser):
-    """--demo: the tiny setup, unless a flag was given explicitly on the command line."""
-    for k, v in DEMO.items():
-        if getattr(args, k) == parser.get_default(k):
-            setattr(args, k, v)
-    if args.output_dir == parser.get_default("output_dir"):
-        args.output_dir = "./output_dir/demo"
-    args.datasets_dir = os.path.join(args.output_dir, "data")
-    args.stage1_checkpoint = os.path.join(args.output_dir, "stage1", "tiny_stage1.pth")
-    args.clip_model = "fluxtalk-tiny"
-    args.clip_pretrained = os.path.join(args.output_dir, "stage1", "tiny_clip.pt")
-
-
-def prepare_demo(args):
-    """Rank 0 writes the synthetic dataset and the tiny Stage 1 (once; reused when present)."""
-    if dist.is_main():
-        from tools.make_synthetic_tvl import make_synthetic_tvl
-        from tools.make_tiny_stage1 import make_tiny_stage1
-        make_synthetic_tvl(args.datasets_dir, n_ssvtp=240, n_hct=240, seed=0)
-        make_tiny_stage1(os.path.dirname(args.stage1_checkpoint), seed=0)
-    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -309,11 +282,6 @@ def trim_log(path, start_epoch):
     with open(path) as f:
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
     atomic_write(path, lambda f: f.writelines(lines), mode="w")
-
-
-def headline_keys(args):
-    """val_mean_r1, then each pair's mean Recall@1: the numbers a person reads first."""
-    return ["val_mean_r1"] + [f"val_{pair_name(a, b)}_r1" for a, b in modality_pairs(args.active_modality_names)]
 
 
 def print_metrics(title, metrics, args):
@@ -540,16 +508,6 @@ def preempted(stop, writer, epoch, state, args):
     name = signal.Signals(stop.signum).name if stop.signum else "a stop request on another rank"
     return Preempted(f"caught {name} at epoch {epoch} step {state['global_step']}: wrote "
                      f"{os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
-
-
-def print_demo_summary(before, after, args):
-    print(f"\n{'metric':<32}{'before':>10}{'after':>10}")
-    for k in headline_keys(args):
-        b = before.get(k, float("nan")) if before else float("nan")
-        print(f"{k:<32}{b:>10.2f}{after[k]:>10.2f}")
-    chance = 100.0 / after["val_num_samples"]
-    b = before["val_mean_r1"] if before else float("nan")
-    print(f"demo: val_mean_r1 before={b:.2f} after={after['val_mean_r1']:.2f} chance={chance:.2f}", flush=True)
 
 
 def main(argv=None):
