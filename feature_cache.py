@@ -24,7 +24,8 @@ the settings meanwhile): a killed run is completed by rerunning the same command
 and a partial cache is never mistaken for a complete one. The reader refuses a cache made with another Stage 1,
 without an active modality, or of another split or captions (other data flags or sample ids).
 
-Which view an epoch reads: CachedFeatureDataset. Storage: float16 tokens are ~0.5 MB per view per sample for ViT-L-14 vision (257 x 1024), ~0.1 MB text and tactile.
+Which view an epoch reads: CachedFeatureDataset. Storage: float16 tokens are ~0.5 MB per view per sample for
+ViT-L-14 vision (257 x 1024), ~0.1 MB text and tactile.
 """
 import json
 import math
@@ -40,6 +41,7 @@ import util.dist as dist
 from data_stage2 import SUBSETS, DataError, build_dataset, epoch_and_index, item_seed
 from util.checkpoint import atomic_write, fsync_dir
 from util.misc import autocast, to_device
+
 
 # ----------------------------------------------------------------------------- reader
 

@@ -32,10 +32,12 @@ def apply_demo_defaults(args, parser):
 
 
 def cache_args(args):
-    """cache_features.py's flags for the demo's data, Stage 1, modalities and training seed."""
+    """cache_features.py's flags for the demo's data, Stage 1 and modalities. Without augmented views the cache does
+    not depend on the seed, so a demo rerun with another --seed reuses it (training still checks the sample ids,
+    which --use_not_contact draws with the seed)."""
     argv = ["--output", args.feature_cache, "--splits", "train", "val", "--num_workers", str(CACHE_WORKERS),
             "--datasets", *args.datasets, "--active_modality_names", *args.active_modality_names]
-    for k in ("datasets_dir", "text_prompt", "seed", "stage1_checkpoint", "clip_model", "clip_pretrained",
+    for k in ("datasets_dir", "text_prompt", "stage1_checkpoint", "clip_model", "clip_pretrained",
               "tactile_model", "device", "precision"):
         argv += [f"--{k}", str(getattr(args, k))] if getattr(args, k) is not None else []
     argv += [f"--{k}" for k in ("no_text_prompt", "shuffle_text", "use_not_contact", "skip_bad_samples")
