@@ -2,8 +2,7 @@
 training augmentation, caption prompts, and tokenisation (layout: shared/TVL_DATA_FORMAT.md).
 
     ds = build_dataset(args, "train", tokenizer, active_modalities=("vision", "tactile", "text"), seed=0)
-    ds.set_epoch(epoch)   # before each epoch (see "Randomness" below)
-    ds[i] -> {"vision": float (3, 224, 224), "tactile": float (3, 224, 224), "text": long (77,), "index": i}
+    ds[(epoch, i)] -> {"vision": float (3, 224, 224), "tactile": float (3, 224, 224), "text": long (77,), "index": i}
 
 Only the active modalities are present; `default_collate` turns "index" into a long (B,) tensor.
 
@@ -17,8 +16,8 @@ subset, order and synonyms) is drawn from generators seeded by `item_seed(seed, 
 a splitmix64 mix of the run seed, the epoch, the dataset index and the modality stream: never from the
 global RNGs. So the inputs of a run do not depend on the number of DataLoader workers, on the world size,
 on how many samples were drawn before, or on resumption. The epoch comes with the key: `ds[(epoch, i)]`
-(what main_train_stage2's sampler yields, so persistent DataLoader workers need no per-epoch state), or
-`ds[i]` for the epoch of the last `set_epoch`.
+(what main_train_stage2's sampler yields, so persistent DataLoader workers need no per-epoch state); a plain
+`ds[i]` is `ds[(0, i)]` (evaluation, where nothing is random).
 
 Deviations from the TVL reference reader, each on purpose:
 - Missing files and undecodable images are errors naming the file; `--skip_bad_samples` drops them at
@@ -96,9 +95,9 @@ def _splitmix64(z):
     return z ^ (z >> 31)
 
 
-def epoch_and_index(key, epoch):
-    """A dataset key is (epoch, index), or an index meaning (the dataset's set_epoch epoch, index)."""
-    return key if isinstance(key, tuple) else (epoch, key)
+def epoch_and_index(key):
+    """A dataset key is (epoch, index), or an index meaning (0, index)."""
+    return key if isinstance(key, tuple) else (0, key)
 
 
 def item_seed(seed, epoch, index, stream=0):
@@ -402,15 +401,14 @@ def _load_json(path):
 
 class TVLDataset(Dataset):
     """items -> {modality: tensor, "index": int}. Attributes: sample_ids (stable string per item), captions
-    (evaluation caption per item, None where an item has none; None when text is not active), factors
-    (per-item dict from the subsets' factors.json side files, or None)."""
+    (evaluation caption per item, None where an item has none; None when text is not active)."""
 
     def __init__(self, items, tokenizer, active_modalities, seed, augment, prompt=DEFAULT_PROMPT,
-                 shuffle_text=False, synonyms=None, skip_bad_samples=False, factors=None):
+                 shuffle_text=False, synonyms=None, skip_bad_samples=False):
         self.items = items
         self.tokenizer = tokenizer
         self.active = tuple(active_modalities)
-        self.seed, self.epoch, self.augment = seed, 0, augment
+        self.seed, self.augment = seed, augment
         self.prompt, self.shuffle_text = prompt, shuffle_text
         self.synonyms = synonyms or {}  # {subset: {word: [synonyms]}}
         self.skip_bad_samples = skip_bad_samples
@@ -418,17 +416,13 @@ class TVLDataset(Dataset):
         self.captions = None
         if "text" in self.active:
             self.captions = [make_caption(it["adjs"], prompt) if it["adjs"] else None for it in items]
-        self.factors = factors
         self._warned = set()
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
-        epoch, index = epoch_and_index(key, self.epoch)
+        epoch, index = epoch_and_index(key)
         if not self.skip_bad_samples:
             return self._load(index, epoch)
         for k in range(len(self)):  # replace an undecodable sample by the next loadable one, deterministically
@@ -474,7 +468,7 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None)
     if not root or not os.path.isdir(root):
         raise DataError(f"--datasets_dir {root}: no such directory (expected the TVL folder holding ssvtp/ and hct/)")
     augment = (split == "train" and not args.no_augment) if augment is None else augment
-    items, synonyms, factor_table = [], {}, {}
+    items, synonyms = [], {}
     subsets = [s for s in SUBSETS if s in args.datasets]  # always SSVTP first: item indices do not depend on flag order
     for subset in subsets:
         sub = os.path.join(root, subset)
@@ -495,146 +489,7 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None)
             raise DataError(f"{sub}: no usable {split} samples")
         items += part
         synonyms[subset] = _load_json(os.path.join(sub, "synonyms.json"))
-        factor_table.update((_load_json(os.path.join(sub, "factors.json")) or {}).get("samples", {}))
     print(f"data: {split}: {len(items)} samples from {', '.join(subsets)} (augment={augment})")
     prompt = "" if args.no_text_prompt else args.text_prompt
-    factors = [factor_table.get(it["id"]) for it in items] if factor_table else None
     return TVLDataset(items, tokenizer, active_modalities, seed, augment, prompt, args.shuffle_text,
-                      {k: v for k, v in synonyms.items() if v}, args.skip_bad_samples, factors)
-
-
-# ----------------------------------------------------------------------------- feature cache
-# cache_features.py writes, per split, DIR/<split>/shard_<k>/ (k = 0, 1, ...; shard k holds samples
-# [k * shard_size, (k + 1) * shard_size)) with, for V views (view 0 = no augmentation, view v >= 1 = the
-# augmentation of epoch v):
-#   <m>_tokens.npy  float16 (V, n_k, N_m, C_m)   Stage 1 token features
-#   <m>_global.npy  float32 (V, n_k, E)          Stage 1 global embeddings
-#   text_padding.npy bool   (V, n_k, N_text)     True = padded position (text only)
-#   index.npy        int64  (n_k,)               dataset index of each row
-# and, written last, DIR/<split>/meta.json: its presence is what says "this split is complete".
-
-CACHE_FORMAT = "fluxtalk-feature-cache-1"
-# Flags that change which samples a split holds or what its captions say, so what the cache holds.
-CACHE_DATA_FLAGS = ("datasets", "text_prompt", "no_text_prompt", "shuffle_text", "use_not_contact", "skip_bad_samples")
-CACHE_VIEW_STREAM = 3  # item_seed stream of the per-epoch view choice (0..2 are the modalities' augmentation)
-
-
-def cache_data_flags(args):
-    flags = {k: getattr(args, k) for k in CACHE_DATA_FLAGS}
-    flags["datasets"] = [s for s in SUBSETS if s in args.datasets]  # the order of the flag does not matter
-    return flags
-
-
-def load_cache_meta(root, split):
-    path = os.path.join(root, split, "meta.json")
-    if not os.path.isfile(path):
-        raise DataError(f"--feature_cache {root}: no {split}/meta.json: the {split} split was never cached or its "
-                        f"cache_features.py run did not finish (rerun it with the same flags to complete it)")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as e:  # meta.json is written atomically, so this is damage from outside
-        raise DataError(f"--feature_cache {root}: {split}/meta.json is unreadable ({e}); rebuild the cache") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"--feature_cache {root}: {split}/meta.json is not a cache index; rebuild the cache")
-    return meta
-
-
-def check_cache_meta(meta, root, split, fingerprint, active_modalities, args, sample_ids=None):
-    """DataError (one line naming the cache and what differs) unless the cache fits this run."""
-    where = f"--feature_cache {root} ({split})"
-    if meta.get("format") != CACHE_FORMAT or meta.get("split") != split:
-        raise DataError(f"{where}: meta.json is not a {CACHE_FORMAT} cache of split '{split}' "
-                        f"(format {meta.get('format')!r}, split {meta.get('split')!r})")
-    if meta["stage1_fingerprint"] != fingerprint:
-        raise DataError(f"{where}: made with another Stage 1 (fingerprint {meta['stage1_fingerprint'][:12]} != "
-                        f"{fingerprint[:12]} of --stage1_checkpoint/--clip_pretrained); rebuild it with cache_features.py")
-    missing = [m for m in active_modalities if m not in meta["active_modalities"]]
-    if missing:
-        raise DataError(f"{where}: holds modalities {meta['active_modalities']}, not {missing} of "
-                        f"--active_modality_names; rebuild it with those modalities")
-    flags = cache_data_flags(args)
-    diff = [f"--{k} {meta['data_flags'][k]!r} (cache) vs {flags[k]!r}" for k in CACHE_DATA_FLAGS
-            if meta["data_flags"].get(k) != flags[k]]
-    if diff:
-        raise DataError(f"{where}: another split or captions: {'; '.join(diff)}")
-    if sample_ids is not None and sample_ids != meta["sample_ids"]:
-        cached = meta["sample_ids"]
-        first = next((i for i, (a, b) in enumerate(zip(cached, sample_ids)) if a != b), min(len(cached), len(sample_ids)))
-        raise DataError(f"{where}: another split: {len(cached)} cached samples vs {len(sample_ids)} under "
-                        f"--datasets_dir, first difference at index {first} "
-                        f"({cached[first] if first < len(cached) else None!r} vs "
-                        f"{sample_ids[first] if first < len(sample_ids) else None!r})")
-
-
-class CachedFeatureDataset(Dataset):
-    """A cached split: item i -> {"tokens": {m: float16 (N_m, C_m)}, "padding_mask": {"text": bool (N,)},
-    "global": {m: float32 (E,)}, "index": i}, read from memory-mapped shards (no decoding, no encoder).
-
-    Views: without augmentation (val/test, --no_augment) always view 0. With augmentation, epoch e reads
-    view 1 + item_seed(seed, e, i) % (V - 1) of sample i: one of the augmented views, never the plain one
-    (online augmented training never sees an un-augmented input either); a cache without augmented views
-    gives view 0."""
-
-    def __init__(self, root, split, meta, active_modalities, seed, augment):
-        self.dir = os.path.join(root, split)
-        self.active = tuple(active_modalities)
-        self.seed, self.epoch, self.augment = seed, 0, augment
-        self.num_views, self.shard_size = meta["views"], meta["shard_size"]
-        self.sample_ids = meta["sample_ids"]
-        self.captions = meta.get("captions") if "text" in self.active else None
-        self.factors = None
-        self._shards = {}  # shard k -> {array name: np.memmap}, opened lazily in each process
-
-    def __getstate__(self):  # DataLoader workers open their own maps (a pickled memmap would copy the data)
-        return {**self.__dict__, "_shards": {}}
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.sample_ids)
-
-    def view(self, index, epoch=None):
-        if not self.augment or self.num_views == 1:
-            return 0
-        epoch = self.epoch if epoch is None else epoch
-        return 1 + item_seed(self.seed, epoch, index, CACHE_VIEW_STREAM) % (self.num_views - 1)
-
-    def _shard(self, k):
-        if k not in self._shards:
-            folder = os.path.join(self.dir, f"shard_{k:05d}")
-            names = [f"{m}_{kind}" for m in self.active for kind in ("tokens", "global")]
-            names += ["text_padding"] if "text" in self.active else []
-            self._shards[k] = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in names}
-        return self._shards[k]
-
-    def __getitem__(self, key):
-        epoch, index = epoch_and_index(key, self.epoch)
-        k, j = divmod(index, self.shard_size)
-        a, v = self._shard(k), self.view(index, epoch)
-        out = {"tokens": {m: torch.from_numpy(np.array(a[f"{m}_tokens"][v, j])) for m in self.active},
-               "global": {m: torch.from_numpy(np.array(a[f"{m}_global"][v, j])) for m in self.active}}
-        if "text" in self.active:
-            out["padding_mask"] = {"text": torch.from_numpy(np.array(a["text_padding"][v, j]))}
-        out["index"] = index
-        return out
-
-
-def build_cached_dataset(args, split, stage1, seed):
-    """The CachedFeatureDataset of `split` under args.feature_cache, refused (DataError) when it was made with
-    another Stage 1, without an active modality, or from another split. With --datasets_dir the cached sample
-    ids must equal the ones the flags give (listing files only, no decoding); without it that check is skipped."""
-    root, active = args.feature_cache, args.active_modality_names
-    meta = load_cache_meta(root, split)
-    ids = None
-    if args.datasets_dir:
-        ids = build_dataset(args, split, stage1.tokenizer, active, seed, augment=False).sample_ids
-    check_cache_meta(meta, root, split, stage1.fingerprint, active, args, ids)
-    augment = split == "train" and not args.no_augment
-    ds = CachedFeatureDataset(root, split, meta, active, seed, augment)
-    if augment and ds.num_views == 1:
-        print(f"data: {root} ({split}) has no augmented views (cache_features.py --cache_views 0): training "
-              f"without augmentation")
-    print(f"data: {split}: {len(ds)} cached samples from {root} ({ds.num_views} view(s), augment={augment})")
-    return ds
+                      {k: v for k, v in synonyms.items() if v}, args.skip_bad_samples)

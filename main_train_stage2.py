@@ -23,13 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
-from data_stage2 import DataError, add_data_args, build_cached_dataset, build_dataset
+from data_stage2 import DataError, add_data_args, build_dataset
 from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
+from feature_cache import build_cached_dataset
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
 from util.checkpoint import CheckpointError, CheckpointWriteError, Preempted, RunFiles
-from util.misc import MODALITIES, in_canonical_order, modality_pairs, pair_name
+from tools.demo import apply_demo_defaults, prepare_demo, print_demo_summary
+from util.misc import MODALITIES, headline_keys, in_canonical_order
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. resume
@@ -151,33 +153,6 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------------------ demo
-
-DEMO = dict(epochs=8, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=2, print_freq=5, nested_dropout_rate=0.5,
-            device="cpu")
-
-
-def apply_demo_defaults(args, parser):
-    """--demo: the tiny setup, unless a flag was given explicitly on the command line."""
-    for k, v in DEMO.items():
-        if getattr(args, k) == parser.get_default(k):
-            setattr(args, k, v)
-    if args.output_dir == parser.get_default("output_dir"):
-        args.output_dir = "./output_dir/demo"
-    args.datasets_dir = os.path.join(args.output_dir, "data")
-    args.stage1_checkpoint = os.path.join(args.output_dir, "stage1", "tiny_stage1.pth")
-    args.clip_model = "fluxtalk-tiny"
-    args.clip_pretrained = os.path.join(args.output_dir, "stage1", "tiny_clip.pt")
-
-
-def prepare_demo(args):
-    """Rank 0 writes the synthetic dataset and the tiny Stage 1 (once; reused when present)."""
-    if dist.is_main():
-        from tools.make_synthetic_tvl import make_synthetic_tvl
-        from tools.make_tiny_stage1 import make_tiny_stage1
-        make_synthetic_tvl(args.datasets_dir, n_ssvtp=240, n_hct=240, seed=0)
-        make_tiny_stage1(os.path.dirname(args.stage1_checkpoint), seed=0)
-    dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -262,9 +237,6 @@ def build_criterion(args):
 
 # --------------------------------------------------------------------------------------------------- logging
 
-def headline_keys(args):
-    """val_mean_r1, then each pair's mean Recall@1: the numbers a person reads first."""
-    return ["val_mean_r1"] + [f"val_{pair_name(a, b)}_r1" for a, b in modality_pairs(args.active_modality_names)]
 
 
 def print_metrics(title, metrics, args):
@@ -390,14 +362,6 @@ def run(args):
     return after
 
 
-def print_demo_summary(before, after, args):
-    print(f"\n{'metric':<32}{'before':>10}{'after':>10}")
-    for k in headline_keys(args):
-        b = before.get(k, float("nan")) if before else float("nan")
-        print(f"{k:<32}{b:>10.2f}{after[k]:>10.2f}")
-    chance = 100.0 / after["val_num_samples"]
-    b = before["val_mean_r1"] if before else float("nan")
-    print(f"demo: val_mean_r1 before={b:.2f} after={after['val_mean_r1']:.2f} chance={chance:.2f}", flush=True)
 
 
 def main(argv=None):

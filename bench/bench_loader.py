@@ -23,9 +23,8 @@ def throughput(ds, workers, batch_size, epochs):
     n = 0
     t = time.perf_counter()
     for epoch in range(epochs):
-        ds.set_epoch(epoch)
-        for b in DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=True,
-                            generator=torch.Generator().manual_seed(epoch)):
+        keys = [(epoch, i) for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(epoch)).tolist()]
+        for b in DataLoader(ds, batch_size=batch_size, num_workers=workers, sampler=keys):
             n += len(b["index"])
     return n / (time.perf_counter() - t)
 

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cache_features  # noqa: E402
 import data_stage2 as D  # noqa: E402
+import feature_cache  # noqa: E402
 from loss_stage2 import Stage2Loss  # noqa: E402
 from main_train_stage2 import build_model, get_args_parser  # noqa: E402
 from stage1 import build_stage1, create_tactile_encoder  # noqa: E402
@@ -150,7 +151,7 @@ def run_config(config, a, device, folder):
                                        "--splits", "train", "--stage1_checkpoint", "unused"])
     t = time.perf_counter()
     stage1.to(device)
-    cache_features.cache_split(cargs, stage1, "train", device)
+    feature_cache.cache_split(cargs, stage1, "train", device)
     t_cache = time.perf_counter() - t
 
     targs = get_args_parser().parse_args(a.model_flags.split())  # main's defaults: the register module users get
@@ -163,7 +164,8 @@ def run_config(config, a, device, folder):
 
     ds_online = D.build_dataset(cargs, "train", stage1.tokenizer, MODALITIES, seed=0, augment=False)
     assert len(ds_online) >= n_train, (len(ds_online), n_train)
-    ds_cached = D.CachedFeatureDataset(cache, "train", D.load_cache_meta(cache, "train"), MODALITIES, 0, False)
+    ds_cached = feature_cache.CachedFeatureDataset(cache, "train", feature_cache.load_cache_meta(cache, "train"),
+                                                   MODALITIES, 0, False)
     loader_kw = dict(batch_size=a.batch_size, shuffle=False, drop_last=True, num_workers=a.num_workers,
                      pin_memory=device.type == "cuda")
     first = to_device(next(iter(DataLoader(ds_cached, **loader_kw))), device)

@@ -1,6 +1,7 @@
 """data_stage2: TVL layout readers, Stage 1 split, bad-input messages, (seed, epoch, index) randomness, text rules."""
 import argparse
 import csv
+import json
 import os
 import random
 import shutil
@@ -52,6 +53,15 @@ def tok():
 
 def make_args(root, *extra):
     return D.add_data_args(argparse.ArgumentParser()).parse_args(["--datasets_dir", str(root), *extra])
+
+
+def factors_of(root, ds):
+    """Each sample's latent factors, matched by sample id in the factors.json that make_synthetic_tvl writes per subset."""
+    table = {}
+    for subset in D.SUBSETS:
+        with open(os.path.join(root, subset, "factors.json")) as f:
+            table.update(json.load(f)["samples"])
+    return [table[sid] for sid in ds.sample_ids]
 
 
 def copy_subset(synth, tmp_path, subset):
@@ -222,15 +232,14 @@ def test_no_augment_is_deterministic(synth, tok):
     ds = D.build_dataset(make_args(synth, "--no_augment"), "train", tok, VTT, seed=0)
     assert not ds.augment
     a = ds[3]
-    ds.set_epoch(5)
-    b = ds[3]
+    b = ds[(5, 3)]
     for k in VTT:
         assert torch.equal(a[k], b[k])
     assert torch.equal(a["text"], tok([ds.captions[3]])[0])  # all adjectives, in order
 
 
-def _collect(ds, idx, workers):
-    dl = DataLoader(Subset(ds, idx), batch_size=3, num_workers=workers)
+def _collect(ds, idx, workers, epoch):
+    dl = DataLoader(Subset(ds, [(epoch, i) for i in idx]), batch_size=3, num_workers=workers)
     batches = list(dl)
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
@@ -239,22 +248,19 @@ def test_augmentation_depends_on_seed_epoch_index_only(synth, tok):
     ds = D.build_dataset(make_args(synth), "train", tok, VTT, seed=7)
     assert ds.augment
     idx = [0, 5, 9, 41, 60, 61]  # SSVTP and HCT (data1, data2) items
-    ds.set_epoch(2)
-    w0, w2 = _collect(ds, idx, 0), _collect(ds, idx, 2)
+    w0, w2 = _collect(ds, idx, 0, epoch=2), _collect(ds, idx, 2, epoch=2)
     for k in (*VTT, "index"):
         assert torch.equal(w0[k], w2[k]), k
     assert w0["index"].tolist() == idx
-    direct = ds[41]  # no other sample drawn before it
+    direct = ds[(2, 41)]  # no other sample drawn before it
     assert torch.equal(direct["vision"], w0["vision"][3]) and torch.equal(direct["tactile"], w0["tactile"][3])
-    ds.set_epoch(3)
-    e3 = _collect(ds, idx, 0)
+    e3 = _collect(ds, idx, 0, epoch=3)
     for m in VT:  # every augmented image changes with the epoch
         assert all(not torch.equal(a, b) for a, b in zip(w0[m], e3[m])), m
     plain = D.build_dataset(make_args(synth), "train", tok, VT, seed=7, augment=False)
     assert not torch.equal(plain[0]["vision"], w0["vision"][0])
     seeded = D.build_dataset(make_args(synth), "train", tok, VT, seed=8)
-    seeded.set_epoch(2)
-    assert not torch.equal(seeded[0]["tactile"], w0["tactile"][0])
+    assert not torch.equal(seeded[(2, 0)]["tactile"], w0["tactile"][0])
 
 
 def test_val_and_test_never_augment(synth, tok):
@@ -363,7 +369,7 @@ def test_dataset_captions_from_labels_and_csv(synth, tok):
              3: "This image gives tactile feelings of squishy.", 5: "This image gives tactile feelings of bumpy, rough, and textured.",
              4: "This image gives tactile feelings of glossy, slippery, and smooth."}
     subsets = set()
-    for i, (cap, f, sid) in enumerate(zip(ds.captions, ds.factors, ds.sample_ids)):
+    for i, (cap, f, sid) in enumerate(zip(ds.captions, factors_of(synth, ds), ds.sample_ids)):
         assert cap == names[f["material"]], sid
         subsets.add(sid.split("/")[0])
     assert subsets == {"ssvtp", "hct"}
@@ -371,13 +377,13 @@ def test_dataset_captions_from_labels_and_csv(synth, tok):
     assert torch.equal(ds[i]["text"], tok([ds.captions[i]])[0])
     plain = D.build_dataset(make_args(synth, "--no_text_prompt"), "test", tok, VTT, seed=0)
     assert all(c == names[f["material"]][len("This image gives tactile feelings of "):]
-               for c, f in zip(plain.captions, plain.factors))
+               for c, f in zip(plain.captions, factors_of(synth, plain)))
 
 
 def test_training_text_uses_synonyms_for_ssvtp(synth, tok):
     ds = D.build_dataset(make_args(synth, "--datasets", "ssvtp"), "train", tok, ("vision", "text"), seed=0)
     assert ds.synonyms["ssvtp"]["smooth"] == ["sleek", "even"]
-    i = next(i for i, f in enumerate(ds.factors) if f["material"] == 0)  # smooth, hard, cold
+    i = next(i for i, f in enumerate(factors_of(synth, ds)) if f["material"] == 0)  # smooth, hard, cold
     tokens = set()
     for e in range(40):
         tokens.add(tuple(ds[(e, i)]["text"].tolist()))
@@ -402,10 +408,10 @@ def test_use_not_contact(synth, tok, capsys):
     assert ds.sample_ids[:len(base)] == base.sample_ids  # the split does not move
     assert extra == int(0.1 * len(base)) and extra > 0
     assert all(c == "This image gives tactile feelings of background." for c in ds.captions[len(base):])
-    assert all(f["material"] == -1 for f in ds.factors[len(base):])  # really no-contact frames
+    assert all(f["material"] == -1 for f in factors_of(synth, ds)[len(base):])  # really no-contact frames
     assert f"added {extra} HCT no-contact frames" in capsys.readouterr().out
     val = D.build_dataset(make_args(synth, "--datasets", "hct", "--use_not_contact"), "val", tok, VTT, seed=0)
-    assert all(f["material"] >= 0 for f in val.factors)
+    assert all(f["material"] >= 0 for f in factors_of(synth, val))
 
 
 # ----------------------------------------------------------------------------- acceptance 5: batches
@@ -427,12 +433,12 @@ def test_dataloader_batches(synth, tok):
     assert x.min() > -1e-4 and x.max() < 1 + 1e-4
 
 
-def test_epoch_in_the_key_equals_set_epoch(synth, tok):
-    """Persistent loader workers get the epoch with each key: ds[(e, i)] is ds[i] after set_epoch(e)."""
+def test_epoch_comes_with_the_key(synth, tok):
+    """Persistent loader workers get the epoch with each key: ds[(e, i)] is the same item whichever dataset object
+    (process) draws it, and a plain index is epoch 0."""
     ds = D.build_dataset(make_args(synth), "train", tok, ("vision", "tactile", "text"), seed=3)
-    for e in (0, 4):
-        keyed = ds[(e, 5)]
-        ds.set_epoch(e)
-        plain = ds[5]
+    other = D.build_dataset(make_args(synth), "train", tok, ("vision", "tactile", "text"), seed=3)
+    for key, same in (((0, 5), 5), ((4, 5), (4, 5))):
+        keyed, plain = ds[key], other[same]
         assert all(torch.equal(keyed[m], plain[m]) for m in ("vision", "tactile", "text"))
     assert not torch.equal(ds[(0, 5)]["vision"], ds[(4, 5)]["vision"])

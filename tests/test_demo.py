@@ -24,6 +24,6 @@ def test_demo_learns_well_above_chance_and_writes_a_real_run(tmp_path):
     files = set(os.listdir(out))
     assert {"checkpoint.pth", "checkpoint-best.pth", "log.txt", "args.json", "data", "stage1"} <= files, files
     assert any(f.startswith("events.out.tfevents") for f in files)
-    from main_train_stage2 import DEMO
+    from tools.demo import DEMO
     with open(out / "log.txt") as f:
         assert len(f.readlines()) == DEMO["epochs"]  # one line per epoch

@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 
 import cache_features
 import data_stage2 as D
+import feature_cache as FC
 import main_train_stage2 as M
 from conftest import ROOT, TINY_REGISTERS, launch_command, scalars, stage1_flags
 
@@ -73,8 +74,7 @@ def test_views_are_stage1_features_of_the_pipeline_inputs(cache, small_tvl, tiny
     shard = 3  # samples 12..15
     for view, augment in ((0, False), (1, True)):
         ds = D.build_dataset(args, "train", tiny_stage1.tokenizer, D.STREAMS, seed=0, augment=augment)
-        ds.set_epoch(view)
-        batch = default_collate([ds[i] for i in range(shard * SHARD, (shard + 1) * SHARD)])
+        batch = default_collate([ds[(view, i)] for i in range(shard * SHARD, (shard + 1) * SHARD)])
         feats = tiny_stage1(batch)
         folder = os.path.join(cache, "train", f"shard_{shard:05d}")
         for m in ("vision", "tactile", "text"):
@@ -91,8 +91,8 @@ def test_views_are_stage1_features_of_the_pipeline_inputs(cache, small_tvl, tiny
 @pytest.mark.slow
 def test_cached_dataset_picks_one_augmented_view_per_epoch(cache):
     meta = json.load(open(os.path.join(cache, "train", "meta.json")))
-    plain = D.CachedFeatureDataset(cache, "train", meta, ("vision", "text"), seed=0, augment=False)
-    aug = D.CachedFeatureDataset(cache, "train", meta, ("vision", "text"), seed=0, augment=True)
+    plain = FC.CachedFeatureDataset(cache, "train", meta, ("vision", "text"), seed=0, augment=False)
+    aug = FC.CachedFeatureDataset(cache, "train", meta, ("vision", "text"), seed=0, augment=True)
     assert {plain.view(i) for i in range(len(plain))} == {0}
     assert {aug.view(i) for i in range(len(aug))} == {1}  # one augmented view: never the plain one
     item = aug[13]
@@ -171,7 +171,7 @@ def test_killed_run_completes_without_redoing_finished_shards(cache, small_tvl, 
 
     # an unfinished cache is refused by training, naming the folder and the missing meta.json
     with pytest.raises(D.DataError, match=rf"--feature_cache {out}: no train/meta.json"):
-        D.load_cache_meta(str(out), "train")
+        FC.load_cache_meta(str(out), "train")
 
     assert cache_features.main(flags) == 0
     after = {p: (os.stat(train / p / "vision_tokens.npy").st_ino, os.stat(train / p / "vision_tokens.npy").st_mtime_ns)
@@ -207,14 +207,14 @@ def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_
     a = args()
     a.feature_cache = vt
     with pytest.raises(D.DataError, match=r"\(val\): holds modalities \['vision', 'text'\], not \['tactile'\]"):
-        D.build_cached_dataset(a, "val", tiny_stage1, a.seed)
+        FC.build_cached_dataset(a, "val", tiny_stage1, a.seed)
 
     # another split: other subsets, or other samples under --datasets_dir
     with pytest.raises(D.DataError, match=r"\(train\): another split or captions: --datasets \['ssvtp', 'hct'\] "
                                           r"\(cache\) vs \['ssvtp'\]"):
-        D.build_cached_dataset(args("--datasets", "ssvtp"), "train", tiny_stage1, 0)
+        FC.build_cached_dataset(args("--datasets", "ssvtp"), "train", tiny_stage1, 0)
     with pytest.raises(D.DataError, match=r"another split or captions: --no_text_prompt False \(cache\) vs True"):
-        D.build_cached_dataset(args("--no_text_prompt"), "val", tiny_stage1, 0)
+        FC.build_cached_dataset(args("--no_text_prompt"), "val", tiny_stage1, 0)
     tampered = str(tmp_path / "tampered")
     shutil.copytree(os.path.join(cache, "val"), os.path.join(tampered, "val"))
     meta = json.load(open(os.path.join(tampered, "val", "meta.json")))
@@ -224,7 +224,7 @@ def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_
     a.feature_cache = tampered
     with pytest.raises(D.DataError, match=r"another split: 4 cached samples vs 4 under --datasets_dir, first "
                                           r"difference at index 1 \('ssvtp/images_rgb/image_999_rgb.jpg' vs"):
-        D.build_cached_dataset(a, "val", tiny_stage1, 0)
+        FC.build_cached_dataset(a, "val", tiny_stage1, 0)
 
     # a rerun into an existing cache with other settings is refused instead of mixing two caches
     code = cache_features.main(cache_flags(tiny_stage1_files, small_tvl, cache, "--splits", "val", "--seed", "1"))
@@ -232,7 +232,8 @@ def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_
 
 
 def test_damaged_meta_json_is_refused_in_one_line(tmp_path):
-    from data_stage2 import DataError, load_cache_meta
+    from data_stage2 import DataError
+    from feature_cache import load_cache_meta
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "meta.json").write_text('{"format": ')
     with pytest.raises(DataError, match=r"train/meta.json is unreadable .*rebuild the cache") as e:

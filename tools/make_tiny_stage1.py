@@ -8,6 +8,7 @@ DIR/tiny_clip.pt:    the OpenCLIP "fluxtalk-tiny" state dict (pass it as --clip_
 Weights are random but seeded, so the same seed always writes the same files.
 """
 import argparse
+import logging
 import math
 import os
 import sys
@@ -30,7 +31,11 @@ def make_tiny_stage1(out_dir, seed=0):
         return ckpt_path, clip_path
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
-    clip = open_clip.create_model(TINY_CLIP_MODEL, pretrained=None)
+    logging.disable(logging.WARNING)  # OpenCLIP warns "No pretrained weights loaded": random is the point here
+    try:
+        clip = open_clip.create_model(TINY_CLIP_MODEL, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
     # As TVL: the tactile head maps into the CLIP text width (= the joint embedding dim).
     tactile = create_tactile_encoder(DEFAULT_TACTILE_MODEL, num_classes=clip.transformer.width)
     model = {f"tactile_encoder.{k}": v for k, v in tactile.state_dict().items()}

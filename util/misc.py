@@ -22,6 +22,11 @@ def pair_name(a, b):
     return "_".join(sorted((a, b)))
 
 
+def headline_keys(args):
+    """val_mean_r1, then each pair's mean Recall@1: the numbers a person reads first."""
+    return ["val_mean_r1"] + [f"val_{pair_name(a, b)}_r1" for a, b in modality_pairs(args.active_modality_names)]
+
+
 def autocast(device, precision):
     if precision == "fp32":
         return nullcontext()
