@@ -52,11 +52,11 @@ def synthetic_tvl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_tvl(tmp_path_factory):
-    """Half the size of synthetic_tvl, for the tests that train many runs: 8 steps per epoch at batch 4 on one rank,
-    4 on two."""
+def short_tvl(tmp_path_factory):
+    """Half the size of synthetic_tvl, for the tests that train many short runs: 8 steps per epoch at batch 4 on one
+    rank, 4 on two."""
     from tools.make_synthetic_tvl import make_synthetic_tvl
-    out = str(tmp_path_factory.mktemp("small_tvl"))
+    out = str(tmp_path_factory.mktemp("short_tvl"))
     make_synthetic_tvl(out, n_ssvtp=24, n_hct=24, seed=1)
     return out
 
@@ -140,6 +140,18 @@ def running(pids, timeout=30):
     while any(alive(p) for p in pids) and time.time() - t0 < timeout:
         time.sleep(0.05)
     return [p for p in pids if alive(p)]
+
+
+def main_in_process(argv):
+    """main_train_stage2.main(argv) in this process (use --num_workers 0); restores the signal handlers it installs.
+    Returns its exit code."""
+    import main_train_stage2
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return main_train_stage2.main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 class Run:
