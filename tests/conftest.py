@@ -51,6 +51,16 @@ def synthetic_tvl(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def short_tvl(tmp_path_factory):
+    """Half the size of synthetic_tvl, for the tests that train many short runs: 8 steps per epoch at batch 4 on one
+    rank, 4 on two."""
+    from tools.make_synthetic_tvl import make_synthetic_tvl
+    out = str(tmp_path_factory.mktemp("short_tvl"))
+    make_synthetic_tvl(out, n_ssvtp=24, n_hct=24, seed=1)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ command lines
 
 def stage1_flags(tiny_stage1_files):
@@ -76,19 +86,88 @@ def launch_command(script, nproc=1):
             f"--master_port={free_port()}", script], env
 
 
-class Run:
-    """One training process (or torchrun and its workers) in its own session, output in files under `out`."""
+def descendants(pid):
+    """pid and every process below it, from /proc (torchrun starts its workers in new sessions, so a process group
+    kill misses them)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
 
-    def __init__(self, argv, out, nproc=1, script=MAIN):
+
+def kill_tree(pid):
+    """SIGKILL pid and every process below it; returns their pids. The tree is stopped first (SIGSTOP, until no new
+    process shows up), so none can fork a child between the listing and the kill, nor be reparented away from it."""
+    stopped = set()
+    while True:
+        new = [p for p in descendants(pid) if p not in stopped]
+        if not new:
+            break
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        stopped.update(new)
+    for p in stopped:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return sorted(stopped)
+
+
+def running(pids, timeout=30):
+    """Those of pids still running (not gone, not a zombie) after waiting up to `timeout` s for them to end."""
+    def alive(p):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+    t0 = time.time()
+    while any(alive(p) for p in pids) and time.time() - t0 < timeout:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def main_in_process(argv):
+    """main_train_stage2.main(argv) in this process (use --num_workers 0); restores the signal handlers it installs.
+    Returns its exit code."""
+    import main_train_stage2
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return main_train_stage2.main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+class Run:
+    """One training process (or torchrun and its workers) in its own session, output in files under `out`.
+    `cmd` (with `env` added to the environment) replaces the python / torchrun command of launch_command."""
+
+    def __init__(self, argv, out, nproc=1, script=MAIN, cmd=None, env=None):
         self.out = str(out)
         os.makedirs(self.out, exist_ok=True)
         n = len([f for f in os.listdir(self.out) if f.startswith("stdout")])
         self.stdout_path = os.path.join(self.out, f"stdout{n}.txt")
         self.stderr_path = os.path.join(self.out, f"stderr{n}.txt")
-        cmd, env = launch_command(script, nproc)
+        launch, launch_env = launch_command(script, nproc)
         with open(self.stdout_path, "w") as so, open(self.stderr_path, "w") as se:
-            self.proc = subprocess.Popen(cmd + argv, cwd=ROOT, env=env, stdout=so, stderr=se,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen((cmd or launch) + list(argv), cwd=ROOT, env=dict(launch_env, **(env or {})),
+                                         stdout=so, stderr=se, start_new_session=True)
 
     def stdout(self):
         with open(self.stdout_path) as f:
@@ -118,15 +197,35 @@ class Run:
             time.sleep(0.02)
         raise AssertionError(f"epoch {epoch} step {step} not reached in {timeout}s\n" + self.tail())
 
+    def text(self):
+        return self.stdout() + self.stderr()
+
+    def wait_for(self, needle, timeout=300):
+        """Until `needle` is in the output."""
+        t0 = time.time()
+        while needle not in self.text():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ended (rc {self.proc.returncode}) before {needle!r}\n{self.tail()}")
+            if time.time() - t0 > timeout:
+                raise AssertionError(f"{needle!r} not seen in {timeout}s\n{self.tail()}")
+            time.sleep(0.05)
+
     def signal(self, sig):
-        os.killpg(self.proc.pid, sig)  # the whole group: DataLoader workers (and torchrun's workers) too
+        """`sig` to the process group: the process and its DataLoader workers (not torchrun's workers: their own
+        sessions)."""
+        os.killpg(self.proc.pid, sig)
+
+    def kill(self):
+        """SIGKILL the launcher and every process below it, as a dead node; returns their pids once reaped here."""
+        pids = kill_tree(self.proc.pid)
+        self.proc.wait()
+        return pids
 
     def wait(self, timeout=300):
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait()
+            self.kill()
             raise AssertionError(f"run did not end within {timeout}s\n" + self.tail())
 
     def tail(self):

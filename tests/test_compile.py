@@ -7,11 +7,10 @@
 
 In-process (main_train_stage2.main, no loader workers) so the dynamo counters of the run can be read.
 """
-import os
-import signal
-
 import pytest
 import torch
+
+from conftest import TINY_REGISTERS, load, main_in_process, scalars, stage1_flags
 
 pytestmark = pytest.mark.slow
 
@@ -32,39 +31,24 @@ def key_bias_slices(state):
 
 
 def flags(files, data, out, extra=()):
-    ckpt, clip = files
-    return ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip,
-            "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4",
-            "--epochs", "2", "--register_width", "32", "--register_depth", "1", "--register_heads", "2",
-            "--num_workers", "0", "--nested_dropout_rate", "0.5", "--print_freq", "1", "--lr", "2e-3",
-            "--warmup_epochs", "1", "--seed", "3", "--save_every", "1", *extra]
+    return stage1_flags(files) + [
+        "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
+        *TINY_REGISTERS, "--num_workers", "0", "--nested_dropout_rate", "0.5", "--print_freq", "1", "--lr", "2e-3",
+        "--warmup_epochs", "1", "--seed", "3", "--save_every", "1", *extra]
 
 
 def train(argv):
     """main_train_stage2.main in this process; returns dynamo's counters for this run."""
-    import main_train_stage2
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        assert main_train_stage2.main(argv) == 0
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    assert main_in_process(argv) == 0
     return {k: dict(v) for k, v in counters.items()}
 
 
 def step_losses(out):
     """[(global step, train/loss)] from TensorBoard (--print_freq 1: every step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return scalars(out)["train/loss"]
 
 
 def max_diff(a, b):
@@ -81,18 +65,10 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from tools.make_synthetic_tvl import make_synthetic_tvl
-    out = str(tmp_path_factory.mktemp("tvl_compile"))
-    make_synthetic_tvl(out, n_ssvtp=24, n_hct=24, seed=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_stage1_files, data, tmp_path_factory):
+def runs(tiny_stage1_files, short_tvl, tmp_path_factory):
     eager_out, compiled_out = tmp_path_factory.mktemp("eager"), tmp_path_factory.mktemp("compiled")
-    train(flags(tiny_stage1_files, data, eager_out))
-    stats = train(flags(tiny_stage1_files, data, compiled_out, ["--compile"]))
+    train(flags(tiny_stage1_files, short_tvl, eager_out))
+    stats = train(flags(tiny_stage1_files, short_tvl, compiled_out, ["--compile"]))
     return eager_out, compiled_out, stats
 
 
@@ -115,11 +91,11 @@ def test_two_graphs_train_and_eval_no_recompiles(runs):
     assert not stats.get("graph_break"), stats
 
 
-def test_compiled_checkpoint_resumes_in_eager_mode(runs, tiny_stage1_files, data, tmp_path):
+def test_compiled_checkpoint_resumes_in_eager_mode(runs, tiny_stage1_files, short_tvl, tmp_path):
     eager_out, compiled_out, _ = runs
     mid = load(compiled_out / "checkpoint-0.pth")
     assert mid["model"].keys() == load(eager_out / "checkpoint-0.pth")["model"].keys()  # no _orig_mod. prefixes
-    argv = flags(tiny_stage1_files, data, tmp_path, ["--resume", str(compiled_out / "checkpoint-0.pth")])
+    argv = flags(tiny_stage1_files, short_tvl, tmp_path, ["--resume", str(compiled_out / "checkpoint-0.pth")])
     stats = train(argv)
     assert not stats.get("stats", {}).get("unique_graphs")  # eager: nothing compiled
     resumed = step_losses(tmp_path)

@@ -8,19 +8,18 @@ batch 16, nested dropout, padded text, reconstruction on.
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 
 import pytest
 import torch
 
+from conftest import ROOT, free_port
 import util.dist as udist
 from loss_stage2 import Stage2Loss
 from tvl_stage2 import RegisterModule, nested_dropout_mask
 from util.misc import autocast
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DIMS = {"vision": (257, 1024), "tactile": (197, 192), "text": (77, 768)}
@@ -65,12 +64,6 @@ def test_cuda_bf16_autocast_loss_and_gradients_match_fp32():
 
     cpu_loss, _ = loss_and_grads(*case(torch.device("cpu")), torch.device("cpu"), "fp32")
     assert ref_loss.item() == pytest.approx(cpu_loss.item(), rel=1e-4)  # the CUDA fp32 path is the CPU one
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @cuda

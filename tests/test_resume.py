@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY_REGISTERS, Run, load, read_log, scalars, stage1_flags
+from conftest import TINY_REGISTERS, Run, load, main_in_process, read_log, running, scalars, stage1_flags
 
 SEED = int(os.environ.get("RESUME_TEST_SEED", "0"))
 EXIT_PREEMPTED = 75
@@ -95,28 +95,19 @@ def pick_kill_point(rng, steps_per_epoch):
 # ------------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Smaller than the session dataset: 8 steps per epoch at batch 4 on one rank, 4 on two."""
-    from tools.make_synthetic_tvl import make_synthetic_tvl
-    out = str(tmp_path_factory.mktemp("tvl_resume"))
-    make_synthetic_tvl(out, n_ssvtp=24, n_hct=24, seed=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_stage1_files, data, tmp_path_factory):
+def reference(tiny_stage1_files, short_tvl, tmp_path_factory):
     """Uninterrupted one-process run, all three modalities."""
     out = tmp_path_factory.mktemp("ref1")
-    r = run_to_end(flags(tiny_stage1_files, data, out), out)
+    r = run_to_end(flags(tiny_stage1_files, short_tvl, out), out)
     _, n = r.steps_done()
     return str(out), n
 
 
 @pytest.fixture(scope="module")
-def reference_ddp(tiny_stage1_files, data, tmp_path_factory):
+def reference_ddp(tiny_stage1_files, short_tvl, tmp_path_factory):
     """Uninterrupted torchrun --nproc_per_node=2 run (vision + tactile, attention dropout on: per-rank RNG)."""
     out = tmp_path_factory.mktemp("ref2")
-    r = run_to_end(flags(tiny_stage1_files, data, out, DDP_MODALITIES, DDP_EXTRA), out, nproc=2)
+    r = run_to_end(flags(tiny_stage1_files, short_tvl, out, DDP_MODALITIES, DDP_EXTRA), out, nproc=2)
     _, n = r.steps_done()
     return str(out), n
 
@@ -127,19 +118,19 @@ DDP_EXTRA = ("--save_every_steps", "1", "--attn_dropout", "0.1")
 
 # ------------------------------------------------------------------------------------------------- tests
 
-def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_equal(tiny_stage1_files, data, reference, tmp_path):
+def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_equal(tiny_stage1_files, short_tvl, reference, tmp_path):
     ref_out, n = reference
     rng = random.Random(SEED)
     epoch, step = pick_kill_point(rng, n)
     delay = rng.uniform(0.0, 0.3)
     context = f"RESUME_TEST_SEED={SEED}: SIGKILL after epoch {epoch} step {step}/{n} + {delay:.2f}s"
-    argv = flags(tiny_stage1_files, data, tmp_path)
+    argv = flags(tiny_stage1_files, short_tvl, tmp_path)
 
     r = Run(argv, tmp_path)
     r.wait_for_step(epoch, step)
     time.sleep(delay)
-    r.signal(signal.SIGKILL)
-    r.wait()
+    pids = r.kill()  # the process and its loader workers
+    assert not running(pids), context
     ck = load(tmp_path / "checkpoint.pth")  # the killed run left a loadable step-level checkpoint
     assert ck["epoch"] == epoch and 0 < ck["next_step"] < n, context
     assert ck["next_step"] % SAVE_EVERY == 0, context
@@ -153,13 +144,13 @@ def test_sigkill_mid_epoch_then_resume_auto_is_bitwise_equal(tiny_stage1_files, 
     assert_same_tensorboard(tmp_path, ref_out)
 
 
-def test_sigterm_stops_within_a_step_with_exit_75_then_resumes_bitwise(tiny_stage1_files, data, reference,
+def test_sigterm_stops_within_a_step_with_exit_75_then_resumes_bitwise(tiny_stage1_files, short_tvl, reference,
                                                                          tmp_path):
     ref_out, n = reference
     rng = random.Random(SEED + 1)
     epoch, step = pick_kill_point(rng, n)
     context = f"RESUME_TEST_SEED={SEED}: SIGTERM after epoch {epoch} step {step}/{n}"
-    argv = flags(tiny_stage1_files, data, tmp_path)
+    argv = flags(tiny_stage1_files, short_tvl, tmp_path)
 
     r = Run(argv, tmp_path)
     (e, s), _ = r.wait_for_step(epoch, step)
@@ -183,7 +174,7 @@ def test_sigterm_stops_within_a_step_with_exit_75_then_resumes_bitwise(tiny_stag
     assert_same_log(tmp_path, ref_out)
 
 
-def test_torchrun_two_processes_sigkill_then_resume_is_bitwise_equal(tiny_stage1_files, data, reference_ddp,
+def test_torchrun_two_processes_sigkill_then_resume_is_bitwise_equal(tiny_stage1_files, short_tvl, reference_ddp,
                                                                        tmp_path):
     ref_out, n = reference_ddp
     rng = random.Random(SEED + 2)
@@ -191,13 +182,15 @@ def test_torchrun_two_processes_sigkill_then_resume_is_bitwise_equal(tiny_stage1
     step = rng.randint(2, n - 2)  # after the epoch's first step-level checkpoint (--save_every_steps 1)
     delay = rng.uniform(0.0, 0.3)
     context = f"RESUME_TEST_SEED={SEED}: torchrun x2 SIGKILL after epoch {epoch} step {step}/{n} + {delay:.2f}s"
-    argv = flags(tiny_stage1_files, data, tmp_path, DDP_MODALITIES, DDP_EXTRA)
+    argv = flags(tiny_stage1_files, short_tvl, tmp_path, DDP_MODALITIES, DDP_EXTRA)
 
     r = Run(argv, tmp_path, nproc=2)
     r.wait_for_step(epoch, step)
     time.sleep(delay)
-    r.signal(signal.SIGKILL)  # torchrun, both ranks and their loader workers at once: a dead node
-    r.wait()
+    # torchrun, both ranks (each in its own session) and their loader workers at once: a dead node. None of them may
+    # still be writing into the output_dir when the resumed run starts.
+    pids = r.kill()
+    assert len(pids) >= 3 and not running(pids), (context, pids, running(pids, timeout=0))
     ck = load(tmp_path / "checkpoint.pth")
     assert ck["epoch"] == epoch and 0 < ck["next_step"] < n, context
     assert len(ck["rng_ranks"]) == 2
@@ -210,19 +203,13 @@ def test_torchrun_two_processes_sigkill_then_resume_is_bitwise_equal(tiny_stage1
 # ------------------------------------------------------------------------------ write failure, bad input
 
 def run_in_process(argv, capsys):
-    """main_train_stage2.main in this process (no loader workers); restores the signal handlers it installs."""
-    import main_train_stage2
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        code = main_train_stage2.main(argv)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    """main_in_process, and what it printed."""
+    code = main_in_process(argv)
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stage1_files, data, tmp_path,
+def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stage1_files, short_tvl, tmp_path,
                                                                        monkeypatch, capsys):
     real_save = torch.save
     saved = []
@@ -235,7 +222,7 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stag
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", flaky_save)
-    argv = flags(tiny_stage1_files, data, tmp_path, ("vision", "tactile"),
+    argv = flags(tiny_stage1_files, short_tvl, tmp_path, ("vision", "tactile"),
                  ("--num_workers", "0", "--save_every_steps", "1", "--epochs", "1"))
     code, out, err = run_in_process(argv, capsys)
     target = str(tmp_path / "checkpoint.pth")
@@ -250,7 +237,7 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stag
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "stage1", "shape"])
-def test_bad_checkpoint_at_resume_is_refused_in_one_line(kind, tiny_stage1_files, data, reference, tmp_path,
+def test_bad_checkpoint_at_resume_is_refused_in_one_line(kind, tiny_stage1_files, short_tvl, reference, tmp_path,
                                                          capsys):
     ref_out, _ = reference
     path = str(tmp_path / "bad.pth")
@@ -265,7 +252,7 @@ def test_bad_checkpoint_at_resume_is_refused_in_one_line(kind, tiny_stage1_files
         path = tiny_stage1_files[0]  # a TVL Stage 1 encoder checkpoint is not a Stage 2 resume point
     else:
         path = os.path.join(ref_out, "checkpoint.pth")  # a width-32 register module, resumed at width 16
-    argv = flags(tiny_stage1_files, data, tmp_path / "out", ("vision", "tactile"), ("--num_workers", "0"))
+    argv = flags(tiny_stage1_files, short_tvl, tmp_path / "out", ("vision", "tactile"), ("--num_workers", "0"))
     if kind == "shape":
         argv[argv.index("--register_width") + 1] = "16"
     argv[argv.index("--resume") + 1] = path

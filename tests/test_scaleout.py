@@ -11,123 +11,52 @@ Every run uses OMP_NUM_THREADS=1 per process, so a process computes the same thi
 """
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(ROOT, "main_train_stage2.py")
+from conftest import (MAIN, ROOT, TINY_REGISTERS, Run, descendants, free_port, kill_tree, load, running,
+                      stage1_flags)
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# One thread per process whichever launcher started it; the wrapper script's `torchrun` is this Python's.
+LAUNCHER_ENV = {"OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 EXIT_PREEMPTED = 75
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flags(files, data, out, extra=()):
     """Two epochs of 4 steps per rank (2 ranks x batch 4), attention dropout on (per-rank random draws), nested
     dropout on, a checkpoint every step."""
-    ckpt, clip = files
-    return ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip,
-            "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4",
-            "--epochs", "2", "--register_width", "32", "--register_depth", "1", "--register_heads", "2",
-            "--active_modality_names", "vision", "tactile", "--attn_dropout", "0.1", "--save_every_steps", "1",
-            "--num_workers", "0", "--nested_dropout_rate", "0.5", "--print_freq", "1", "--lr", "2e-3",
-            "--warmup_epochs", "1", "--seed", "3", "--resume", "auto", *extra]
+    return stage1_flags(files) + [
+        "--datasets_dir", data, "--device", "cpu", "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
+        *TINY_REGISTERS, "--active_modality_names", "vision", "tactile", "--attn_dropout", "0.1",
+        "--save_every_steps", "1", "--num_workers", "0", "--nested_dropout_rate", "0.5", "--print_freq", "1",
+        "--lr", "2e-3", "--warmup_epochs", "1", "--seed", "3", "--resume", "auto", *extra]
 
 
-class Proc:
-    """One launcher (torchrun or the wrapper script) in its own session, output in files under `log_dir`."""
-
-    def __init__(self, cmd, log_dir, name, env=None):
-        os.makedirs(log_dir, exist_ok=True)
-        self.out_path, self.err_path = (os.path.join(log_dir, f"{name}.{s}") for s in ("out", "err"))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # torchrun of this Python
-        with open(self.out_path, "w") as so, open(self.err_path, "w") as se:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=so, stderr=se, start_new_session=True)
-
-    def text(self):
-        with open(self.out_path) as o, open(self.err_path) as e:
-            return o.read() + e.read()
-
-    def wait_for(self, needle, timeout=300):
-        t0 = time.time()
-        while needle not in self.text():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ended (rc {self.proc.returncode}) before {needle!r}\n{self.tail()}")
-            if time.time() - t0 > timeout:
-                raise AssertionError(f"{needle!r} not seen in {timeout}s\n{self.tail()}")
-            time.sleep(0.05)
-
-    def wait(self, timeout=400):
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(self.proc.pid)
-            raise AssertionError(f"did not end within {timeout}s\n{self.tail()}")
-
-    def tail(self):
-        return self.text()[-4000:]
-
-
-def descendants(pid):
-    """pid and every process below it (torchrun starts its workers in new sessions, so a process group kill
-    misses them)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def kill_tree(pid):
-    for p in descendants(pid):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def launcher(cmd, argv, log_dir, env=None):
+    """`cmd` + argv (torchrun or the wrapper script) in its own session, output in files under `log_dir`."""
+    return Run(argv, log_dir, cmd=cmd, env=dict(LAUNCHER_ENV, **(env or {})))
 
 
 def run_ok(proc):
-    rc = proc.wait()
+    rc = proc.wait(timeout=400)
     assert rc == 0, proc.tail()
     return proc
 
 
-def two_node_launchers(argv, log_dir, tag=""):
+def two_node_launchers(argv, log_dir):
     """The README's multi-node command on one host: node_rank 0 and 1, c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{free_port()}"
-    return [Proc(TORCHRUN + ["--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                             f"--rdzv_endpoint={endpoint}", "--rdzv_id=fluxtalk", MAIN] + argv,
-                 log_dir, f"node{r}{tag}") for r in (0, 1)]
+    return [launcher(TORCHRUN + ["--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                                 f"--rdzv_endpoint={endpoint}", "--rdzv_id=fluxtalk", MAIN], argv, log_dir)
+            for r in (0, 1)]
 
 
-def one_launcher(argv, log_dir, name="launcher", extra=()):
-    return Proc(TORCHRUN + ["--nproc_per_node=2", f"--master_port={free_port()}", *extra, MAIN] + argv,
-                log_dir, name)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def one_launcher(argv, log_dir, extra=()):
+    return launcher(TORCHRUN + ["--nproc_per_node=2", f"--master_port={free_port()}", *extra, MAIN], argv, log_dir)
 
 
 def assert_close_models(out, ref_out, atol=1e-6):
@@ -140,26 +69,18 @@ def assert_close_models(out, ref_out, atol=1e-6):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from tools.make_synthetic_tvl import make_synthetic_tvl
-    out = str(tmp_path_factory.mktemp("tvl_scaleout"))
-    make_synthetic_tvl(out, n_ssvtp=24, n_hct=24, seed=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_stage1_files, data, tmp_path_factory):
+def reference(tiny_stage1_files, short_tvl, tmp_path_factory):
     """One launcher, two processes, uninterrupted."""
     out = str(tmp_path_factory.mktemp("one_launcher"))
-    run_ok(one_launcher(flags(tiny_stage1_files, data, out), out))
+    run_ok(one_launcher(flags(tiny_stage1_files, short_tvl, out), out))
     return out
 
 
 # ------------------------------------------------------------------------------------------------ two nodes
 
-def test_two_nodes_on_one_host_match_one_launcher(tiny_stage1_files, data, reference, tmp_path):
+def test_two_nodes_on_one_host_match_one_launcher(tiny_stage1_files, short_tvl, reference, tmp_path):
     out = str(tmp_path / "run")
-    nodes = two_node_launchers(flags(tiny_stage1_files, data, out), str(tmp_path / "logs"))
+    nodes = two_node_launchers(flags(tiny_stage1_files, short_tvl, out), str(tmp_path / "logs"))
     for n in nodes:
         run_ok(n)
     text = nodes[0].text() + nodes[1].text()
@@ -167,20 +88,22 @@ def test_two_nodes_on_one_host_match_one_launcher(tiny_stage1_files, data, refer
     assert_close_models(out, reference)
 
 
-def test_two_nodes_killed_then_both_rerun_with_resume_auto_match(tiny_stage1_files, data, reference, tmp_path):
+def test_two_nodes_killed_then_both_rerun_with_resume_auto_match(tiny_stage1_files, short_tvl, reference,
+                                                                 tmp_path):
     out, logs = str(tmp_path / "run"), str(tmp_path / "logs")
-    argv = flags(tiny_stage1_files, data, out)
+    argv = flags(tiny_stage1_files, short_tvl, out)
     nodes = two_node_launchers(argv, logs)
     nodes[0].wait_for("epoch 1 [2/4] loss")  # mid-epoch, after the step-level checkpoint of step 1
-    for n in nodes:  # both nodes die at once: each launcher, its workers and anything below them
-        kill_tree(n.proc.pid)
+    # both nodes die at once: each launcher, its workers and anything below them
+    pids = [p for n in nodes for p in kill_tree(n.proc.pid)]
     for n in nodes:
         n.proc.wait()
+    assert len(pids) >= 4 and not running(pids), (pids, running(pids, timeout=0))
     ck = load(os.path.join(out, "checkpoint.pth"))
     assert ck["epoch"] == 1 and 0 < ck["next_step"] < 4, (ck["epoch"], ck["next_step"])
     assert len(ck["rng_ranks"]) == 2
 
-    nodes = two_node_launchers(argv, logs, tag="-resumed")
+    nodes = two_node_launchers(argv, logs)
     for n in nodes:
         run_ok(n)
     text = nodes[0].text() + nodes[1].text()
@@ -190,11 +113,11 @@ def test_two_nodes_killed_then_both_rerun_with_resume_auto_match(tiny_stage1_fil
 
 # ------------------------------------------------------------------------------------------------ preemption
 
-def test_sigterm_to_one_node_stops_every_rank_of_both_nodes(tiny_stage1_files, data, tmp_path):
+def test_sigterm_to_one_node_stops_every_rank_of_both_nodes(tiny_stage1_files, short_tvl, tmp_path):
     """A signal that reaches one node only (node 0's launcher): its worker saves and tells the other rank, which
     stops at the same step; both launchers exit 1 (node 0: the re-raised signal; node 1: its worker's 75)."""
     out = str(tmp_path / "run")
-    nodes = two_node_launchers(flags(tiny_stage1_files, data, out), str(tmp_path / "logs"))
+    nodes = two_node_launchers(flags(tiny_stage1_files, short_tvl, out), str(tmp_path / "logs"))
     nodes[0].wait_for("epoch 0 [2/4] loss")
     os.kill(nodes[0].proc.pid, signal.SIGTERM)
     assert [n.wait(timeout=200) for n in nodes] == [1, 1], nodes[0].tail() + nodes[1].tail()
@@ -214,12 +137,12 @@ def stop_midway(proc, sig, out):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_torchrun_forwards_the_stop_signal_but_exits_1(sig, tiny_stage1_files, data, tmp_path):
+def test_torchrun_forwards_the_stop_signal_but_exits_1(sig, tiny_stage1_files, short_tvl, tmp_path):
     """Plain torchrun: SIGTERM is forwarded (SIGUSR1 only with --signals_to_handle); every worker saves and exits
     75, torchrun re-raises the signal as a SignalException and the shell sees 1."""
     out = str(tmp_path / "run")
     extra = ["--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"] if sig == signal.SIGUSR1 else []
-    proc = one_launcher(flags(tiny_stage1_files, data, out), str(tmp_path), extra=extra)
+    proc = one_launcher(flags(tiny_stage1_files, short_tvl, out), str(tmp_path), extra=extra)
     rc, ck = stop_midway(proc, sig, out)
     text = proc.text()
     assert rc == 1, text[-3000:]
@@ -228,12 +151,12 @@ def test_torchrun_forwards_the_stop_signal_but_exits_1(sig, tiny_stage1_files, d
     assert ck["epoch"] == 0 and 2 <= ck["next_step"] <= 4  # the running step finished (4: the epoch's last)
 
 
-def test_torchrun_without_signals_to_handle_dies_on_sigusr1_and_orphans_its_workers(tiny_stage1_files, data,
+def test_torchrun_without_signals_to_handle_dies_on_sigusr1_and_orphans_its_workers(tiny_stage1_files, short_tvl,
                                                                                      tmp_path):
     """Why the wrapper passes --signals_to_handle: torchrun's default list lacks SIGUSR1 (what SLURM sends), so the
     launcher dies of it and its workers, in their own sessions, are never told."""
     out = str(tmp_path / "run")
-    proc = one_launcher(flags(tiny_stage1_files, data, out), str(tmp_path))
+    proc = one_launcher(flags(tiny_stage1_files, short_tvl, out), str(tmp_path))
     proc.wait_for("epoch 0 [2/4] loss")
     workers = [p for p in descendants(proc.proc.pid) if p != proc.proc.pid]
     os.kill(proc.proc.pid, signal.SIGUSR1)
@@ -249,16 +172,17 @@ def test_torchrun_without_signals_to_handle_dies_on_sigusr1_and_orphans_its_work
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_multigpu_script_exits_75_on_a_stop_signal_and_resumes(sig, tiny_stage1_files, data, reference, tmp_path):
+def test_multigpu_script_exits_75_on_a_stop_signal_and_resumes(sig, tiny_stage1_files, short_tvl, reference,
+                                                               tmp_path):
     """scripts/train_tvl_multigpu.sh (NGPUS=2 CPU processes): the signal to the script reaches both workers (as
     SIGTERM, through torchrun), they save, the script exits 75 (what a requeue-on-75 scheduler needs); the same command
     then finishes the run with the uninterrupted weights."""
     out = str(tmp_path / "run")
     ckpt, _ = tiny_stage1_files
-    env = {"STAGE1": ckpt, "DATA": data, "OUT": out, "NGPUS": "2", "STOP_TIMEOUT": "120"}
-    argv = flags(tiny_stage1_files, data, out)
-    cmd = ["bash", os.path.join(ROOT, "scripts", "train_tvl_multigpu.sh")] + argv
-    proc = Proc(cmd, str(tmp_path), "script", env)
+    env = {"STAGE1": ckpt, "DATA": short_tvl, "OUT": out, "NGPUS": "2", "STOP_TIMEOUT": "120"}
+    argv = flags(tiny_stage1_files, short_tvl, out)
+    script = ["bash", os.path.join(ROOT, "scripts", "train_tvl_multigpu.sh")]
+    proc = launcher(script, argv, str(tmp_path), env)
     rc, ck = stop_midway(proc, sig, out)
     text = proc.text()
     assert rc == EXIT_PREEMPTED, text[-3000:]
@@ -266,5 +190,5 @@ def test_multigpu_script_exits_75_on_a_stop_signal_and_resumes(sig, tiny_stage1_
     assert f"stopped by SIG{sig.name[3:]}, {out}/checkpoint.pth written; exit 75" in text
     assert ck["epoch"] == 0 and 2 <= ck["next_step"] <= 4
 
-    run_ok(Proc(cmd, str(tmp_path), "script-resumed", env))
+    run_ok(launcher(script, argv, str(tmp_path), env))
     assert_close_models(out, reference)
