@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
-from data_stage2 import DataError, add_data_args, build_cached_dataset, build_dataset
+from data_stage2 import (BadSamples, DataError, GuardedLoader, add_data_args, build_cached_dataset, build_dataset,
+                         check_data)
 from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
@@ -50,6 +51,13 @@ def positive_int(value):
     v = int(value)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return v
+
+
+def non_negative_int(value):
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return v
 
 
@@ -79,6 +87,12 @@ def get_args_parser():
     g.add_argument("--print_freq", default=20, type=positive_int, help="log (TensorBoard, stdout) every N optimizer steps")
     g.add_argument("--feature_cache", default=None,
                    help="train and evaluate from this cache_features.py folder: no encoder forward, no image decoding")
+    g.add_argument("--check_data", action="store_true",
+                   help="decode every train/val sample once, list every missing or unreadable file, exit (0: all "
+                        "fine, 2: bad files); trains nothing")
+    g.add_argument("--max_bad_samples", default=0, type=non_negative_int,
+                   help="skip (replace by the next readable sample) and count up to N bad samples, each named once "
+                        "in the log; stop when there are more. 0: stop at the first")
 
     g = p.add_argument_group("model")
     g.add_argument("--active_modality_names", nargs="+", default=list(MODALITIES), choices=MODALITIES,
@@ -134,9 +148,11 @@ def parse_args(argv=None):
                      f"({args.register_heads})")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
+    if args.check_data and args.feature_cache:
+        parser.error("--check_data reads --datasets_dir; a --feature_cache run decodes no files")
     if args.demo:
         apply_demo_defaults(args, parser)
-    elif args.stage1_checkpoint is None:  # also with --feature_cache: its fingerprint must match the cache's
+    elif args.stage1_checkpoint is None and not args.check_data:  # with --feature_cache too (fingerprint)
         parser.error("--stage1_checkpoint is required (or use --demo)")
     dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
     if args.nested_dropout_ramp_epochs is None:
@@ -261,7 +277,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def make_loader(dataset, args, train):
+def make_loader(dataset, args, train, bad):
     rank, world = dist.get_rank(), dist.get_world_size()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=args.seed,
                                  drop_last=train)
@@ -269,16 +285,19 @@ def make_loader(dataset, args, train):
     # Persistent workers: forked once per run, not once per epoch. Besides the start-up time this saves, forking
     # while the last epoch's queue feeder threads are still exiting can deadlock the child in CPython 3.11's
     # after-fork cleanup (seen on a 2-rank CPU run).
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(sampler) if train else sampler,
-                      num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
-                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.num_workers > 0,
-                      worker_init_fn=dist.ignore_stop_signals)
+    # Guarded: a bad file stops every rank together, and `bad` (BadSamples) counts the ones --max_bad_samples skips.
+    return GuardedLoader(DataLoader(
+        dataset, batch_size=args.batch_size, sampler=EpochSampler(sampler) if train else sampler,
+        num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
+        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.num_workers > 0,
+        worker_init_fn=dist.ignore_stop_signals), bad)
 
 
 def build_split(args, split, stage1):
     if args.feature_cache:  # refused (DataError) when made with another Stage 1, modalities or split
         return build_cached_dataset(args, split, stage1, args.seed)
-    return build_dataset(args, split, stage1.tokenizer, args.active_modality_names, args.seed)
+    return build_dataset(args, split, stage1.tokenizer, args.active_modality_names, args.seed,
+                         tolerate_bad=args.max_bad_samples > 0)
 
 
 def build_model(args, stage1):
@@ -366,7 +385,8 @@ def resume_position(path, model, optimizer, scaler, stage1_fingerprint):
     set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
     pos = {"epoch": ckpt["epoch"], "next_step": ckpt["next_step"], "global_step": ckpt["global_step"],
            "best": ckpt.get("best_val_mean_r1", -1.0), "partial": ckpt.get("partial"),
-           "layout": (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size"))}
+           "layout": (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size")),
+           "bad_samples": ckpt.get("bad_samples", [])}
     if dist.is_main():
         print(f"resumed from {path}: epoch {pos['epoch']}, step {pos['next_step']}, best val_mean_r1 "
               f"{pos['best']:.2f}")
@@ -437,6 +457,8 @@ def epoch_log_line(epoch, train_stats, metrics, global_step, best, seconds):
 
 def run(args):
     setup(args)
+    if args.check_data:
+        return check_data(args, ("train", "val"), args.active_modality_names)
     stop = StopFlag()
     stop.install()
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
@@ -446,7 +468,8 @@ def run(args):
     (model.registers if args.feature_cache else model).to(args.device_obj)
     criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
                            args.complementary_recon_weight)
-    val_loader = make_loader(build_split(args, "val", stage1), args, train=False)
+    bad = BadSamples(args.max_bad_samples)
+    val_loader = make_loader(build_split(args, "val", stage1), args, train=False, bad=bad)
     optimizer = torch.optim.AdamW(param_groups(model.registers, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(args.device_obj.type, enabled=args.precision == "amp_fp16")
@@ -455,6 +478,7 @@ def run(args):
     pos = {"epoch": 0, "next_step": 0, "global_step": 0, "best": -1.0, "partial": None}
     if resume:
         pos = resume_position(resume, model, optimizer, scaler, stage1.fingerprint)
+        bad.load_state_dict(pos["bad_samples"])
     elif args.eval_only:
         raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {args.output_dir}")
     elif os.path.isfile(os.path.join(args.output_dir, "checkpoint.pth")) and not args.demo:
@@ -465,7 +489,7 @@ def run(args):
         return eval_only(model, val_loader, args, resume, pos)
 
     train_set = build_split(args, "train", stage1)
-    train_loader = make_loader(train_set, args, train=True)
+    train_loader = make_loader(train_set, args, train=True, bad=bad)
     steps_per_epoch = len(train_loader.sampler) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"--batch_size {args.batch_size} x {args.world_size} rank(s) is larger than the training "
@@ -489,6 +513,7 @@ def run(args):
     def save(names, epoch, next_step):
         ckpt = checkpoint_state(model, optimizer, scaler, args, stage1.fingerprint, epoch, next_step,
                                 state["global_step"], best, state.pop("partial", None))
+        ckpt["bad_samples"] = bad.state_dict()
         write_checkpoint(ckpt, names, args, writer)
 
     before = after = None
@@ -504,6 +529,7 @@ def run(args):
             writer, save_fn=lambda e, s: save(["checkpoint.pth"], e, s), stop_requested=stop)
         if status == "stopped":
             raise preempted(stop, writer, epoch, state, args)
+        train_stats["bad_samples"] = len(bad.seen)  # -> log.txt train_bad_samples, TensorBoard train/bad_samples
         start_step = 0
         metrics, artifacts = evaluate(model, val_loader, args)
         after = metrics
@@ -512,6 +538,7 @@ def run(args):
         best = max(best, metrics["val_mean_r1"])
         if dist.is_main():
             log_eval(writer, metrics, artifacts, state["global_step"])
+            writer.add_scalar("train/bad_samples", len(bad.seen), state["global_step"])
             # before the checkpoint: a crash in between re-runs the epoch, and the resume trims this line
             append_line(os.path.join(args.output_dir, "log.txt"),
                         epoch_log_line(epoch, train_stats, metrics, state["global_step"], best, time.time() - t0))
