@@ -276,7 +276,8 @@ def read_ssvtp(root, split, bad=None):
             if os.path.isfile(os.path.join(root, cells[0])):
                 rels.append((cells[0], f"{csv_path} line {line}"))
             else:
-                _bad_sample(bad, f"{os.path.join(root, cells[0])}: listed in {csv_path} line {line}, file does not exist")
+                path = os.path.join(root, cells[0])
+                _bad_sample(bad, f"{path}: listed in {csv_path} line {line}, file does not exist")
     elif split == "test":
         raise DataError(f"{csv_path}: missing (expected the SSVTP test list, one RGB path per row)")
     else:

@@ -6,6 +6,7 @@
         --datasets_dir /data/tvl --datasets ssvtp hct
 
     python main_train_stage2.py --demo        # synthetic TVL data + a tiny Stage 1, CPU, about a minute
+    python main_train_stage2.py --check_data --datasets_dir /data/tvl   # list every missing/unreadable file, exit
 
 Exit codes: 0 done, 2 bad input (one line on stderr naming the flag/file/key), 75 stopped by SIGTERM/SIGUSR1
 after writing checkpoint.pth (resume with --resume auto), 1 anything else.

@@ -38,18 +38,22 @@ def data(tmp_path, tmp_path_factory):
     return str(tmp_path / "data")
 
 
-def item(data, split, i, modality="vision"):
-    """Path of the `modality` image of sample i of a split (the order the training run sees)."""
+def listing(data, split):
+    """The dataset a run of run_flags reads (its items in the run's index order)."""
     args = D.add_data_args(argparse.ArgumentParser()).parse_args(["--datasets_dir", data])
-    return D.build_dataset(args, split, None, VT, seed=0).items[i][modality]
+    return D.build_dataset(args, split, None, VT, seed=0)
+
+
+def item(data, split, i, modality="vision"):
+    """Path of the `modality` image of sample i of a split."""
+    return listing(data, split).items[i][modality]
 
 
 def trained_every_epoch(data, epochs=2, batch_size=4, seed=3):
     """Train indices that a one-process run of run_flags trains on in every epoch (the sampler's shuffled order; the
     last partial batch is dropped, so a few samples sit out each epoch)."""
-    n = len(D.build_dataset(D.add_data_args(argparse.ArgumentParser()).parse_args(["--datasets_dir", data]), "train",
-                            None, VT, seed=0))
-    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(range(len(listing(data, "train"))), num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                 drop_last=True)
     used = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)

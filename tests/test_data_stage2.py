@@ -178,7 +178,7 @@ def test_missing_listed_file(synth, tok, tmp_path, capsys):
     assert len(D.build_dataset(make_args(root, "--datasets", "hct"), "train", tok, ("vision", "text"), 0)) > 0
 
 
-def test_missing_ssvtp_rgb_dropped_before_split(synth, tok, tmp_path, capsys):
+def test_missing_ssvtp_rgb_dropped_before_split(synth, tok, tmp_path):
     root = copy_subset(synth, tmp_path, "ssvtp")
     rows = csv_col(root / "ssvtp" / "train.csv", 0, False)
     os.remove(root / "ssvtp" / rows[5])
@@ -191,7 +191,7 @@ def test_missing_ssvtp_rgb_dropped_before_split(synth, tok, tmp_path, capsys):
     assert ids == list(ref_train)  # the reference split was made without the missing row
 
 
-def test_truncated_jpeg(synth, tok, tmp_path, capsys):
+def test_truncated_jpeg(synth, tok, tmp_path):
     root = copy_subset(synth, tmp_path, "ssvtp")
     ds = D.build_dataset(make_args(root, "--datasets", "ssvtp"), "val", tok, VT, seed=0)
     bad = ds.items[1]["vision"]
