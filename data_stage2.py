@@ -546,8 +546,8 @@ class BadSamples:
         for m in sorted(set(messages) - set(self.seen)):
             self.seen.append(m)
             if dist.is_main():
-                print(f"data: WARNING bad sample {len(self.seen)} (--max_bad_samples {self.limit}), replaced by the "
-                      f"next loadable one: {m}", flush=True)
+                print(f"data: WARNING skipped bad sample {len(self.seen)} of at most {self.limit} "
+                      f"(--max_bad_samples): {m}", flush=True)
         if len(self.seen) > self.limit:
             raise DataError(f"{len(self.seen)} bad samples, more than --max_bad_samples {self.limit}: "
                             + "; ".join(self.seen))

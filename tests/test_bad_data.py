@@ -207,8 +207,7 @@ def test_max_bad_samples_trains_through_one_bad_file_and_resumes_bitwise(tiny_st
     ref = tmp_path / "ref"
     r = run_to_end(argv(ref), ref)
     assert r.stdout().count(bad) == 1, r.stdout()  # named once, although every epoch meets it
-    assert f"WARNING bad sample 1 (--max_bad_samples 2), replaced by the next loadable one: {bad}: cannot decode" \
-        in r.stdout()
+    assert f"WARNING skipped bad sample 1 of at most 2 (--max_bad_samples): {bad}: cannot decode" in r.stdout()
     assert [ln["train_bad_samples"] for ln in read_log(ref)] == [1, 1]
     assert [v for _, v in scalars(ref)["train/bad_samples"]] == [1.0, 1.0]
     assert load(ref / "checkpoint.pth")["bad_samples"][0].startswith(f"{bad}: cannot decode image")
