@@ -626,7 +626,7 @@ def check_data(args, splits, active_modalities):
     every bad sample in one report; DataError on every rank when there is one. Returns the samples checked."""
     problems, total = [], 0
     for split in splits:
-        ds = build_dataset(args, split, None, active_modalities, seed=0, augment=False, tolerate_bad=True)
+        ds = build_dataset(args, split, None, active_modalities, args.seed, augment=False, tolerate_bad=True)
         problems += ds.bad_files
         total += len(ds) + len(ds.bad_files)
         share = list(range(dist.get_rank(), len(ds), dist.get_world_size()))
