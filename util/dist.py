@@ -176,7 +176,10 @@ def run_entry_point(run, args, outcomes):
     except Exception as e:
         for types, code, label in outcomes:
             if isinstance(e, types):
-                print(f"{label}: {exception_message(e)}", file=sys.stderr, flush=True)
+                # one write, newline included: print's two (text, then end) interleave with other ranks' lines
+                # on a shared unbuffered stderr
+                sys.stderr.write(f"{label}: {exception_message(e)}\n")
+                sys.stderr.flush()
                 return code
         raise
     finally:
