@@ -20,10 +20,9 @@ on how many samples were drawn before, or on resumption. The epoch comes with th
 `ds[i]` is `ds[(0, i)]` (evaluation, where nothing is random).
 
 Deviations from the TVL reference reader, each on purpose:
-- Missing files and undecodable images are errors naming the file; `--skip_bad_samples` drops them at
-  start-up (count printed) or replaces a sample that fails to decode by the next loadable index (warning
-  printed once per file). SSVTP rows whose RGB file is missing are dropped *before* the split, as the
-  reference silently did, so the split still matches Stage 1.
+- Missing files and undecodable images are errors naming the file (see "bad files" below for listing them all
+  and for a budget of skipped samples). SSVTP rows whose RGB file is missing are dropped *before* the split when
+  bad samples are tolerated, as the reference silently did, so the split still matches Stage 1.
 - HCT runs are taken in sorted name order (the reference used the filesystem's order); the 200 px crop
   offset applies to the run named `data3` (the reference matched "data3" anywhere in the path); a crop
   that would leave the image is shifted back inside it.
@@ -38,12 +37,16 @@ import json
 import math
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import util.dist as dist
 
 SUBSETS = ("ssvtp", "hct")
 IMG_SIZE = 224
@@ -80,8 +83,6 @@ def add_data_args(parser):
     g.add_argument("--shuffle_text", action="store_true", help="shuffle the sampled adjectives (training)")
     g.add_argument("--use_not_contact", action="store_true",
                    help="mix HCT no-contact frames (<= 10%%, captioned 'background') into training")
-    g.add_argument("--skip_bad_samples", action="store_true",
-                   help="drop missing files at start-up / replace undecodable images, with a count printed")
     g.add_argument("--num_workers", type=int, default=4)
     return parser
 
@@ -153,6 +154,8 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             arr = np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file does not exist") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
@@ -259,24 +262,21 @@ def _split(items, split):
     return [items[i] for i in (train if split == "train" else val)]
 
 
-def read_ssvtp(root, split, skip_bad=False):
-    """SSVTP items of a split. RGB rows whose file is missing are dropped before the split (the reference
-    did so silently, and Stage 1's split was made without them) -- here only with skip_bad, and counted."""
+def read_ssvtp(root, split, bad=None):
+    """SSVTP items of a split. A missing RGB file is an error; with a `bad` list its row is dropped before the
+    split instead (the reference did so silently, and Stage 1's split was made without them) and named in `bad`."""
     csv_path = os.path.join(root, "test.csv" if split == "test" else "train.csv")
     if os.path.isfile(csv_path):
         rows = read_csv_rows(csv_path)
         if rows and _is_ssvtp_header(root, rows[0][1][0]):
             rows = rows[1:]
-        rels, missing = [], 0
+        rels = []
         for line, cells in rows:
             if os.path.isfile(os.path.join(root, cells[0])):
                 rels.append((cells[0], f"{csv_path} line {line}"))
-            elif skip_bad:
-                missing += 1
             else:
-                raise DataError(f"{os.path.join(root, cells[0])}: listed in {csv_path} line {line}, file does not exist")
-        if missing:
-            print(f"data: skipped {missing} rows of {csv_path} whose RGB image does not exist")
+                path = os.path.join(root, cells[0])
+                _bad_sample(bad, f"{path}: listed in {csv_path} line {line}, file does not exist")
     elif split == "test":
         raise DataError(f"{csv_path}: missing (expected the SSVTP test list, one RGB path per row)")
     else:
@@ -358,35 +358,39 @@ def read_not_contact(root, runs, max_count, seed):
     return frames
 
 
-def _check_files(items, active, skip_bad):
-    """Every file the active modalities need must exist: error naming it, or (skip_bad) drop with a count."""
+def _bad_sample(bad, message):
+    """A sample that cannot be used: DataError(message), or (with a `bad` list) the message appended to it."""
+    if bad is None:
+        raise DataError(message)
+    bad.append(message)
+
+
+def _check_files(items, active, bad):
+    """Every file the active modalities need must exist: error naming the first missing one, or (with a `bad`
+    list) the sample dropped and its missing files named in `bad`."""
     keys = [k for k in ("vision", "tactile", "text") if k in active]
     kept = []
     for it in items:  # it["text"]: SSVTP label path ("" when the RGB name has no id), None for HCT (CSV caption)
-        bad = next((it[k] or f"label file of {it['vision']} (expected an RGB name image_<id>_rgb.<ext>)"
-                    for k in keys if it[k] is not None and not os.path.isfile(it[k])), None)
-        if bad is None:
+        missing = [it[k] or f"label file of {it['vision']} (expected an RGB name image_<id>_rgb.<ext>)"
+                   for k in keys if it[k] is not None and not os.path.isfile(it[k])]
+        if missing:
+            _bad_sample(bad, "; ".join(f"{m}: listed in {it['src']}, file does not exist" for m in missing))
+        else:
             kept.append(it)
-        elif not skip_bad:
-            raise DataError(f"{bad}: listed in {it['src']}, file does not exist")
-    if len(kept) < len(items):
-        print(f"data: dropped {len(items) - len(kept)} samples with missing files (--skip_bad_samples)")
     return kept
 
 
-def _read_labels(items, skip_bad):
-    """SSVTP captions: the first line of each label file."""
+def _read_labels(items, bad):
+    """SSVTP captions: the first line of each label file (an empty one is a bad sample)."""
     kept = []
     for it in items:
         if it["text"]:
             with open(it["text"]) as fh:
                 it["adjs"] = parse_adjectives(fh.readline()) or None
-            if it["adjs"] is None and not skip_bad:
-                raise DataError(f"{it['text']}: no adjectives on the first line (expected e.g. 'smooth, hard.')")
-        if it["adjs"] is not None or not skip_bad:
-            kept.append(it)
-    if len(kept) < len(items):
-        print(f"data: dropped {len(items) - len(kept)} SSVTP samples with empty label files (--skip_bad_samples)")
+            if it["adjs"] is None:
+                _bad_sample(bad, f"{it['text']}: no adjectives on the first line (expected e.g. 'smooth, hard.')")
+                continue
+        kept.append(it)
     return kept
 
 
@@ -401,39 +405,53 @@ def _load_json(path):
 
 class TVLDataset(Dataset):
     """items -> {modality: tensor, "index": int}. Attributes: sample_ids (stable string per item), captions
-    (evaluation caption per item, None where an item has none; None when text is not active)."""
+    (evaluation caption per item, None where an item has none; None when text is not active), bad_files (messages
+    of the samples left out while listing; see build_dataset's tolerate_bad).
+
+    replace_bad: a sample whose image does not decode is replaced by the next loadable index (a function of the
+    files only: deterministic, and the batch keeps its size) and the item says so in "bad" (one "path: reason"
+    line per replaced sample, "" when none; see pop_bad). Otherwise such a sample raises DataError."""
 
     def __init__(self, items, tokenizer, active_modalities, seed, augment, prompt=DEFAULT_PROMPT,
-                 shuffle_text=False, synonyms=None, skip_bad_samples=False):
+                 shuffle_text=False, synonyms=None, replace_bad=False, bad_files=None):
         self.items = items
         self.tokenizer = tokenizer
         self.active = tuple(active_modalities)
         self.seed, self.augment = seed, augment
         self.prompt, self.shuffle_text = prompt, shuffle_text
         self.synonyms = synonyms or {}  # {subset: {word: [synonyms]}}
-        self.skip_bad_samples = skip_bad_samples
+        self.replace_bad, self.bad_files = replace_bad, list(bad_files or [])
         self.sample_ids = [it["id"] for it in items]
         self.captions = None
         if "text" in self.active:
             self.captions = [make_caption(it["adjs"], prompt) if it["adjs"] else None for it in items]
-        self._warned = set()
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
         epoch, index = epoch_and_index(key)
-        if not self.skip_bad_samples:
+        if not self.replace_bad:
             return self._load(index, epoch)
-        for k in range(len(self)):  # replace an undecodable sample by the next loadable one, deterministically
+        bad = []
+        for k in range(len(self)):
             j = (index + k) % len(self)
             try:
-                return self._load(j, epoch)
+                return dict(self._load(j, epoch), bad="\n".join(bad))
             except DataError as e:
-                if str(e) not in self._warned:
-                    self._warned.add(str(e))
-                    print(f"data: WARNING {e}; sample {j} replaced by the next loadable one (--skip_bad_samples)")
-        raise DataError(f"no sample of {len(self)} could be loaded")
+                bad.append("; ".join(self.file_problems(j)) or str(e))
+        raise DataError(f"no sample of {len(self)} could be loaded: {bad[0]}")
+
+    def file_problems(self, index):
+        """["path: reason"] for every image of sample `index` the active modalities need that does not decode."""
+        problems = []
+        for m in ("vision", "tactile"):
+            if m in self.active:
+                try:
+                    load_image(self.items[index][m])
+                except DataError as e:
+                    problems.append(str(e))
+        return problems
 
     def _gen(self, epoch, index, modality):
         s = item_seed(self.seed, epoch, index, STREAMS[modality])
@@ -459,9 +477,11 @@ class TVLDataset(Dataset):
         return out
 
 
-def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None):
+def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None, tolerate_bad=False):
     """The TVLDataset of `split` ("train" | "val" | "test") over args.datasets under args.datasets_dir.
-    augment=None: the train split augments unless args.no_augment; val/test never do. Raises DataError."""
+    augment=None: the train split augments unless args.no_augment; val/test never do. Raises DataError, at the
+    first missing file; with tolerate_bad samples with missing files or empty labels are left out instead (named
+    in the dataset's bad_files) and undecodable ones are replaced (TVLDataset's replace_bad)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     root = args.datasets_dir
@@ -469,18 +489,19 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None)
         raise DataError(f"--datasets_dir {root}: no such directory (expected the TVL folder holding ssvtp/ and hct/)")
     augment = (split == "train" and not args.no_augment) if augment is None else augment
     items, synonyms = [], {}
+    bad = [] if tolerate_bad else None
     subsets = [s for s in SUBSETS if s in args.datasets]  # always SSVTP first: item indices do not depend on flag order
     for subset in subsets:
         sub = os.path.join(root, subset)
         if not os.path.isdir(sub):
             raise DataError(f"{sub}: missing (expected the {subset.upper()} subset of TVL, see TVL_DATA_FORMAT.md)")
         if subset == "ssvtp":
-            part = read_ssvtp(sub, split, args.skip_bad_samples)
+            part = read_ssvtp(sub, split, bad)
         else:
             part = read_hct(sub, split, args.use_not_contact, seed)
-        part = _check_files(part, active_modalities, args.skip_bad_samples)
+        part = _check_files(part, active_modalities, bad)
         if "text" in active_modalities:
-            part = _read_labels(part, args.skip_bad_samples)
+            part = _read_labels(part, bad)
             n = len(part)
             part = [it for it in part if it["adjs"] is not None]
             if len(part) < n:
@@ -489,7 +510,122 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None)
             raise DataError(f"{sub}: no usable {split} samples")
         items += part
         synonyms[subset] = _load_json(os.path.join(sub, "synonyms.json"))
-    print(f"data: {split}: {len(items)} samples from {', '.join(subsets)} (augment={augment})")
+    print(f"data: {split}: {len(items)} samples from {', '.join(subsets)} (augment={augment})"
+          + (f", {len(bad)} left out for missing files or empty labels" if bad else ""))
     prompt = "" if args.no_text_prompt else args.text_prompt
     return TVLDataset(items, tokenizer, active_modalities, seed, augment, prompt, args.shuffle_text,
-                      {k: v for k, v in synonyms.items() if v}, args.skip_bad_samples)
+                      {k: v for k, v in synonyms.items() if v}, tolerate_bad, bad)
+
+
+# ----------------------------------------------------------------------------- bad files
+# A real dataset can hold the odd missing or unreadable file. By default the first one stops the run, on every rank
+# at once and with its loader workers ended (GuardedLoader, util.dist.run_entry_point), exit code 2. check_data
+# lists every one in a single pass; with a budget (BadSamples, main_train_stage2's --max_bad_samples) they are
+# replaced and counted instead.
+
+def pop_bad(batch):
+    """Removes a batch's "bad" entry (TVLDataset's replace_bad) and returns its messages, one per bad sample."""
+    return [m for s in batch.pop("bad", []) for m in s.split("\n") if m]
+
+
+class BadSamples:
+    """The bad samples a run has met ("path: reason" messages), each printed once (rank 0), refused past `limit`.
+    `seen` is appended to in place: pass the run state's list (util.checkpoint.TrainState.bad_samples), so the
+    checkpoint holds the count and a resumed run counts on from where it stopped."""
+
+    def __init__(self, limit, seen=None):
+        self.limit, self.seen = limit, [] if seen is None else seen
+
+    def add(self, messages):
+        for m in sorted(set(messages) - set(self.seen)):
+            self.seen.append(m)
+            if dist.is_main():
+                print(f"data: WARNING skipped bad sample {len(self.seen)} of at most {self.limit} "
+                      f"(--max_bad_samples): {m}", flush=True)
+        if len(self.seen) > self.limit:
+            raise DataError(f"{len(self.seen)} bad samples, more than --max_bad_samples {self.limit}: "
+                            + "; ".join(self.seen))
+
+
+class GuardedLoader:
+    """A DataLoader every rank iterates in step (same batch count everywhere): a DataError on any rank (a bad file,
+    or one bad sample more than the budget) is raised on every rank together, naming the file, so no rank is left
+    waiting in a collective; bad samples replaced on any rank are counted in `bad` on all of them. One host-side
+    flag exchange per batch (util.dist.any_rank), none with one process. Workers end with the run
+    (util.dist.tracked_loader)."""
+
+    def __init__(self, loader, bad):
+        self.loader, self.bad = dist.tracked_loader(loader), bad
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+        bad.add(getattr(loader.dataset, "bad_files", []))  # left out while listing; no rank exchange: all list alike
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            batch, error = None, None
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as e:
+                error = dist.exception_message(e)
+            new = pop_bad(batch) if batch is not None else []
+            if dist.any_rank(error or new):
+                shared = dist.all_gather_object((error, new))
+                errors = [e for e, _ in shared if e]
+                if errors:
+                    raise DataError(error or f"stopped: another rank could not read its data: {errors[0]}")
+                self.bad.add([m for _, msgs in shared for m in msgs])
+            yield batch
+
+
+def raise_bad_files(messages, what):
+    """On every rank: DataError when any rank has bad-sample messages, after rank 0 printed each once, sorted."""
+    found = sorted({m for part in dist.all_gather_object(list(messages)) for m in part})
+    if not found:
+        return
+    if dist.is_main():
+        print(f"data: {len(found)} bad sample(s) in {what}:\n" + "\n".join(f"  {m}" for m in found), flush=True)
+    raise DataError(f"{len(found)} sample(s) of {what} have missing or unreadable files (listed above), the first: "
+                    f"{found[0]}")
+
+
+class _FileCheck(Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        return self.ds.file_problems(index)
+
+
+def _concat(lists):
+    return [m for part in lists for m in part]
+
+
+def check_data(args, splits, active_modalities):
+    """Reads every sample of `splits` once: missing files and empty labels while listing, then every image decoded
+    (this rank's share of the indices, args.num_workers loader workers, a progress bar on rank 0). Rank 0 prints
+    every bad sample in one report; DataError on every rank when there is one. Returns the samples checked."""
+    problems, total = [], 0
+    for split in splits:
+        ds = build_dataset(args, split, None, active_modalities, args.seed, augment=False, tolerate_bad=True)
+        problems += ds.bad_files
+        total += len(ds) + len(ds.bad_files)
+        share = list(range(dist.get_rank(), len(ds), dist.get_world_size()))
+        loader = DataLoader(_FileCheck(ds), batch_size=16, sampler=share, num_workers=args.num_workers,
+                            collate_fn=_concat)
+        with tqdm(total=len(share), desc=f"check {split}", disable=not dist.is_main(), file=sys.stdout,
+                  mininterval=1.0) as bar:
+            for batch_problems in loader:
+                problems += batch_problems
+                bar.update(min(16, bar.total - bar.n))
+    raise_bad_files(problems, ", ".join(splits))
+    if dist.is_main():
+        print(f"data: check: all {total} samples of {', '.join(splits)} read fine", flush=True)
+    return total

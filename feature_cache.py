@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import util.dist as dist
-from data_stage2 import SUBSETS, DataError, build_dataset, epoch_and_index, item_seed
+from data_stage2 import SUBSETS, DataError, build_dataset, epoch_and_index, item_seed, pop_bad, raise_bad_files
 from util.checkpoint import atomic_write, fsync_dir
 from util.misc import autocast, to_device
 
@@ -47,7 +47,7 @@ from util.misc import autocast, to_device
 
 CACHE_FORMAT = "fluxtalk-feature-cache-1"
 # Flags that change which samples a split holds or what its captions say, so what the cache holds.
-CACHE_DATA_FLAGS = ("datasets", "text_prompt", "no_text_prompt", "shuffle_text", "use_not_contact", "skip_bad_samples")
+CACHE_DATA_FLAGS = ("datasets", "text_prompt", "no_text_prompt", "shuffle_text", "use_not_contact")
 CACHE_VIEW_STREAM = 3  # item_seed stream of the per-epoch view choice (0..2 are the modalities' augmentation)
 
 
@@ -215,9 +215,9 @@ def make_loaders(args, device, datasets):
     for name, ds in datasets.items():
         if ds is not None:
             keys = ShardKeys()
-            loaders[name] = (DataLoader(ds, batch_size=args.batch_size, sampler=keys, num_workers=args.num_workers,
-                                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0),
-                             keys)
+            loader = DataLoader(ds, batch_size=args.batch_size, sampler=keys, num_workers=args.num_workers,
+                                pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+            loaders[name] = (dist.tracked_loader(loader), keys)
     return loaders
 
 
@@ -225,9 +225,12 @@ def cache_split(args, stage1, split, device):
     """Caches one split: this rank's missing shards, then (rank 0, after a barrier) meta.json."""
     rank, world = dist.get_rank(), dist.get_world_size()
     tok, active = stage1.tokenizer, args.active_modality_names
-    plain = build_dataset(args, split, tok, active, args.seed, augment=False)
+    # Bad files are collected, not fatal at the first: one report of all of them, then exit 2 (nothing bad is cached).
+    plain = build_dataset(args, split, tok, active, args.seed, augment=False, tolerate_bad=True)
+    raise_bad_files(plain.bad_files, f"{split} (nothing cached)")  # missing files change the sample list: stop now
     plan = make_plan(args, split, stage1, plain)
-    aug = build_dataset(args, split, tok, active, args.seed, augment=True) if plan["views"] > 1 else None
+    aug = build_dataset(args, split, tok, active, args.seed, augment=True, tolerate_bad=True) \
+        if plan["views"] > 1 else None
     out = os.path.join(args.output, split)
     meta_path, plan_path = os.path.join(out, "meta.json"), os.path.join(out, "plan.json")
     for path in (meta_path, plan_path):  # an earlier run (complete, or killed midway) must have planned the same
@@ -246,18 +249,18 @@ def cache_split(args, stage1, split, device):
 
     t0, done, skipped = time.time(), 0, 0
     loaders = make_loaders(args, device, {"plain": plain, "aug": aug})
-    error = None
+    error, bad = None, []
     try:
         for k in range(rank, plan["num_shards"], world):
             if os.path.isdir(os.path.join(out, f"shard_{k:05d}")):
                 skipped += 1  # renamed into place only once complete
                 continue
-            write_shard(args, stage1, loaders, plan, out, k, device)
-            done += 1
+            done += write_shard(args, stage1, loaders, plan, out, k, device, bad)
     except DataError as e:
         error = e
     dist.raise_together(error, DataError(f"{out}: another rank failed to write its shards (see its error); "
                                          f"rerun to complete the cache"))
+    raise_bad_files(bad, f"{split} (their shards were not written; rerun once they are fixed)")
     print(f"cache: rank {rank}: {split}: wrote {done} shard(s), skipped {skipped} finished one(s) "
           f"in {time.time() - t0:.1f}s", flush=True)
     dist.barrier()
@@ -283,13 +286,14 @@ def array_specs(folder):
     return specs
 
 
-def write_shard(args, stage1, loaders, plan, out, k, device):
-    """Samples [lo, hi) for every view into a temporary folder, fsync'ed, then renamed to shard_<k>."""
+def write_shard(args, stage1, loaders, plan, out, k, device, bad):
+    """Samples [lo, hi) for every view into a temporary folder, fsync'ed, then renamed to shard_<k>. A shard holding a
+    bad sample is read to the end (its bad samples appended to `bad`) but never renamed. Returns 1 if written."""
     lo, hi = k * plan["shard_size"], min(plan["num_samples"], (k + 1) * plan["shard_size"])
     final, tmp = os.path.join(out, f"shard_{k:05d}"), os.path.join(out, f".tmp_shard_{k:05d}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     os.makedirs(tmp)
-    arrays = {}
+    arrays, n_bad = {}, len(bad)
 
     def put(name, v, rows, x, dtype):
         # x: (b, ...) on the device -> rows of the (V, n_k, ...) array, created at the first batch
@@ -306,6 +310,10 @@ def write_shard(args, stage1, loaders, plan, out, k, device):
         loader, keys = loaders["plain" if v == 0 else "aug"]
         keys.view, keys.lo, keys.hi = v, lo, hi  # view v = the training augmentation of epoch v
         for batch in loader:
+            found = pop_bad(batch)
+            if found:  # the shard will not be written: skip the encoder, keep reading for more bad samples
+                bad += found
+                continue
             rows = (batch.pop("index") - lo).numpy()
             with autocast(device, args.precision):
                 feats = stage1(to_device(batch, device))
@@ -314,6 +322,9 @@ def write_shard(args, stage1, loaders, plan, out, k, device):
                 put(f"{m}_global", v, rows, feats["global"][m].float(), np.float32)
             if "text" in feats["padding_mask"]:
                 put("text_padding", v, rows, feats["padding_mask"]["text"], np.bool_)
+    if len(bad) > n_bad:
+        shutil.rmtree(tmp)
+        return 0
     np.save(os.path.join(tmp, "index.npy"), np.arange(lo, hi, dtype=np.int64))
     for a in arrays.values():
         a.flush()
@@ -323,3 +334,4 @@ def write_shard(args, stage1, loaders, plan, out, k, device):
             os.fsync(fh.fileno())
     os.rename(tmp, final)  # the shard exists only once every byte of it is on disk
     fsync_dir(out)
+    return 1

@@ -6,6 +6,7 @@
         --datasets_dir /data/tvl --datasets ssvtp hct
 
     python main_train_stage2.py --demo        # synthetic TVL data + a tiny Stage 1, CPU, about a minute
+    python main_train_stage2.py --check_data --datasets_dir /data/tvl   # list every missing/unreadable file, exit
 
 Exit codes: 0 done, 2 bad input (one line on stderr naming the flag/file/key), 75 stopped by SIGTERM/SIGUSR1
 after writing checkpoint.pth (resume with --resume auto), 1 anything else.
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
-from data_stage2 import DataError, add_data_args, build_dataset
+from data_stage2 import BadSamples, DataError, GuardedLoader, add_data_args, build_dataset, check_data
 from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from feature_cache import build_cached_dataset
 from loss_stage2 import Stage2Loss
@@ -53,6 +54,13 @@ def positive_int(value):
     return v
 
 
+def non_negative_int(value):
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
 def non_negative_float(value):
     v = float(value)
     if v < 0:
@@ -79,6 +87,12 @@ def get_args_parser():
     g.add_argument("--print_freq", default=20, type=positive_int, help="log (TensorBoard, stdout) every N optimizer steps")
     g.add_argument("--feature_cache", default=None,
                    help="train and evaluate from this cache_features.py folder: no encoder forward, no image decoding")
+    g.add_argument("--check_data", action="store_true",
+                   help="decode every train/val sample once, list every missing or unreadable file, exit (0: all "
+                        "fine, 2: bad files); trains nothing")
+    g.add_argument("--max_bad_samples", default=0, type=non_negative_int,
+                   help="skip (replace by the next readable sample) and count up to N bad samples, each named once "
+                        "in the log; stop when there are more. 0: stop at the first")
 
     g = p.add_argument_group("model")
     g.add_argument("--active_modality_names", nargs="+", default=list(MODALITIES), choices=MODALITIES,
@@ -142,9 +156,11 @@ def parse_args(argv=None):
                      f"({args.register_heads})")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
+    if args.check_data and args.feature_cache:
+        parser.error("--check_data reads --datasets_dir; a --feature_cache run decodes no files")
     if args.demo:
         apply_demo_defaults(args, parser)
-    elif args.stage1_checkpoint is None:  # also with --feature_cache: its fingerprint must match the cache's
+    elif args.stage1_checkpoint is None and not args.check_data:  # with --feature_cache too (fingerprint)
         parser.error("--stage1_checkpoint is required (or use --demo)")
     dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
     if args.nested_dropout_ramp_epochs is None:
@@ -187,7 +203,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def make_loader(dataset, args, train):
+def make_loader(dataset, args, train, bad):
     rank, world = dist.get_rank(), dist.get_world_size()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=args.seed,
                                  drop_last=train)
@@ -195,21 +211,24 @@ def make_loader(dataset, args, train):
     # Persistent workers: forked once per run, not once per epoch. Besides the start-up time this saves, forking
     # while the last epoch's queue feeder threads are still exiting can deadlock the child in CPython 3.11's
     # after-fork cleanup (seen on a 2-rank CPU run).
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(sampler) if train else sampler,
-                      num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
-                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.num_workers > 0,
-                      worker_init_fn=dist.ignore_stop_signals)
+    # Guarded: a bad file stops every rank together, and `bad` (BadSamples) counts the ones --max_bad_samples skips.
+    return GuardedLoader(DataLoader(
+        dataset, batch_size=args.batch_size, sampler=EpochSampler(sampler) if train else sampler,
+        num_workers=args.num_workers, pin_memory=args.device_obj.type == "cuda", drop_last=train,
+        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.num_workers > 0,
+        worker_init_fn=dist.ignore_stop_signals), bad)
 
 
 def build_split(args, split, stage1):
     if args.feature_cache:  # refused (DataError) when made with another Stage 1, modalities or split
         return build_cached_dataset(args, split, stage1, args.seed)
-    return build_dataset(args, split, stage1.tokenizer, args.active_modality_names, args.seed)
+    return build_dataset(args, split, stage1.tokenizer, args.active_modality_names, args.seed,
+                         tolerate_bad=args.max_bad_samples > 0)
 
 
-def make_train_loader(args, stage1):
+def make_train_loader(args, stage1, bad):
     """The training loader and its optimizer steps per epoch (a split smaller than one global batch is refused)."""
-    loader = make_loader(build_split(args, "train", stage1), args, train=True)
+    loader = make_loader(build_split(args, "train", stage1), args, train=True, bad=bad)
     steps_per_epoch = len(loader.sampler) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"--batch_size {args.batch_size} x {args.world_size} rank(s) is larger than the training "
@@ -308,8 +327,21 @@ def epoch_log_line(epoch, train_stats, metrics, global_step, best, seconds):
             "best_val_mean_r1": best, "epoch_time_s": seconds}
 
 
+def log_epoch(files, epoch, train_stats, metrics, artifacts, state, seconds):
+    """The epoch's evaluation in TensorBoard and its log.txt line, with the bad samples skipped so far
+    (train/bad_samples, train_bad_samples). Before the checkpoint: a crash in between re-runs the epoch, and the
+    resume trims the line."""
+    log_eval(files.writer, metrics, artifacts, state.global_step)
+    if files.writer is not None:
+        files.writer.add_scalar("train/bad_samples", len(state.bad_samples), state.global_step)
+    train_stats = dict(train_stats, bad_samples=len(state.bad_samples))
+    files.log(epoch_log_line(epoch, train_stats, metrics, state.global_step, state.best, seconds))
+
+
 def run(args):
     setup(args)
+    if args.check_data:
+        return check_data(args, ("train", "val"), args.active_modality_names)
     stop = StopFlag()
     stop.install()
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
@@ -318,16 +350,17 @@ def run(args):
     # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
     (model.registers if args.feature_cache else model).to(args.device_obj)
     criterion = build_criterion(args)
-    val_loader = make_loader(build_split(args, "val", stage1), args, train=False)
     optimizer = torch.optim.AdamW(param_groups(model.registers, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(args.device_obj.type, enabled=args.precision == "amp_fp16")
 
     files = RunFiles(args, model, optimizer, scaler, stage1.fingerprint)
     state = files.resume()  # refuses a bad --resume file, or an output_dir that holds another run
+    bad = BadSamples(args.max_bad_samples, state.bad_samples)  # counts into the state, so checkpoints hold it
+    val_loader = make_loader(build_split(args, "val", stage1), args, train=False, bad=bad)
     if args.eval_only:
         return eval_only(model, val_loader, args, files, state)
-    train_loader, steps_per_epoch = make_train_loader(args, stage1)
+    train_loader, steps_per_epoch = make_train_loader(args, stage1, bad)
     files.continue_at(state, steps_per_epoch)
     wrap_for_training(model, args)
     if dist.is_main():
@@ -349,9 +382,7 @@ def run(args):
         after, artifacts = evaluate(model, val_loader, args)
         print_metrics(f"epoch {epoch}:", after, args)
         is_best = state.update_best(after["val_mean_r1"])
-        log_eval(files.writer, after, artifacts, state.global_step)
-        # before the checkpoint: a crash in between re-runs the epoch, and the resume trims this line
-        files.log(epoch_log_line(epoch, train_stats, after, state.global_step, state.best, time.time() - t0))
+        log_epoch(files, epoch, train_stats, after, artifacts, state, time.time() - t0)
         files.save_epoch_end(state, is_best)
         if epoch + 1 < args.epochs and dist.any_rank(stop()):  # signalled in the epoch's last step or its eval
             raise files.preempted(stop.signum, state)

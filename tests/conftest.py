@@ -232,6 +232,14 @@ class Run:
         return f"--- stdout\n{self.stdout()[-3000:]}\n--- stderr\n{self.stderr()[-3000:]}"
 
 
+def run_to_end(argv, out, nproc=1):
+    """Runs a training command to its end; it must exit 0."""
+    r = Run(argv, out, nproc)
+    rc = r.wait()
+    assert rc == 0, r.tail()
+    return r
+
+
 # --------------------------------------------------------------------------------- what a run writes
 
 def load(path):
@@ -256,3 +264,19 @@ def scalars(out):
     """{tag: [(step, value)]} of the run's TensorBoard scalars."""
     acc = read_tensorboard(out)
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def assert_same_model(out, ref_out, context=""):
+    """checkpoint.pth of `out` is that of `ref_out`: same position, model and optimizer state, bitwise."""
+    got, ref = load(os.path.join(out, "checkpoint.pth")), load(os.path.join(ref_out, "checkpoint.pth"))
+    assert (got["epoch"], got["next_step"], got["global_step"]) == (ref["epoch"], ref["next_step"],
+                                                                     ref["global_step"]), context
+    assert got["model"].keys() == ref["model"].keys()
+    differ = [k for k in ref["model"] if not torch.equal(got["model"][k], ref["model"][k])]
+    assert not differ, f"{context}: not bitwise equal to the uninterrupted run: " + ", ".join(
+        f"{k} (max abs diff {(got['model'][k] - ref['model'][k]).abs().max().item():.3g})" for k in differ[:5])
+    # The optimizer state too (Adam moments and step counts), so a later continuation would also agree.
+    for (pid, s), (_, s_ref) in zip(sorted(got["optimizer"]["state"].items()),
+                                    sorted(ref["optimizer"]["state"].items())):
+        for k in s_ref:
+            assert torch.equal(s[k], s_ref[k]), f"{context}: optimizer state {pid}.{k} differs"

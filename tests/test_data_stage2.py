@@ -177,28 +177,31 @@ def test_missing_listed_file(synth, tok, tmp_path, capsys):
             assert str(e) == f"{missing}: listed in {root / 'hct' / 'data2' / 'train.csv'} line 4, file does not exist"
     assert hits == 1
     n = len(hct_rows(root))
-    args = make_args(root, "--datasets", "hct", "--skip_bad_samples")
-    sizes = [len(D.build_dataset(args, s, tok, VT, seed=0)) for s in ("train", "val")]
-    assert sum(sizes) == n - 1
-    assert "dropped 1 samples with missing files" in capsys.readouterr().out
+    args = make_args(root, "--datasets", "hct")
+    parts = [D.build_dataset(args, s, tok, VT, seed=0, tolerate_bad=True) for s in ("train", "val")]
+    assert sum(len(ds) for ds in parts) == n - 1
+    # left out after the split (the split is Stage 1's), named with the list it came from
+    assert [m for ds in parts for m in ds.bad_files] == [
+        f"{missing}: listed in {root / 'hct' / 'data2' / 'train.csv'} line 4, file does not exist"]
+    assert "1 left out for missing files or empty labels" in capsys.readouterr().out
     # the tactile file is not needed when tactile is inactive
     assert len(D.build_dataset(make_args(root, "--datasets", "hct"), "train", tok, ("vision", "text"), 0)) > 0
 
 
-def test_missing_ssvtp_rgb_dropped_before_split(synth, tok, tmp_path, capsys):
+def test_missing_ssvtp_rgb_dropped_before_split(synth, tok, tmp_path):
     root = copy_subset(synth, tmp_path, "ssvtp")
     rows = csv_col(root / "ssvtp" / "train.csv", 0, False)
     os.remove(root / "ssvtp" / rows[5])
     with pytest.raises(D.DataError, match=rf"{root / 'ssvtp' / rows[5]}: listed in .*train.csv line 6, file does not exist"):
         D.build_dataset(make_args(root, "--datasets", "ssvtp"), "train", tok, VT, seed=0)
-    args = make_args(root, "--datasets", "ssvtp", "--skip_bad_samples")
-    ids = D.build_dataset(args, "train", tok, VT, seed=0).sample_ids
-    assert "skipped 1 rows" in capsys.readouterr().out
+    ds = D.build_dataset(make_args(root, "--datasets", "ssvtp"), "train", tok, VT, seed=0, tolerate_bad=True)
+    ids = ds.sample_ids
+    assert len(ds.bad_files) == 1 and ds.bad_files[0].startswith(f"{root / 'ssvtp' / rows[5]}: listed in ")
     ref_train, _ = train_test_split(["ssvtp/" + r for r in rows if r != rows[5]], train_size=0.9, random_state=42)
     assert ids == list(ref_train)  # the reference split was made without the missing row
 
 
-def test_truncated_jpeg(synth, tok, tmp_path, capsys):
+def test_truncated_jpeg(synth, tok, tmp_path):
     root = copy_subset(synth, tmp_path, "ssvtp")
     ds = D.build_dataset(make_args(root, "--datasets", "ssvtp"), "val", tok, VT, seed=0)
     bad = ds.items[1]["vision"]
@@ -208,11 +211,15 @@ def test_truncated_jpeg(synth, tok, tmp_path, capsys):
         fh.write(data[: len(data) // 2])
     with pytest.raises(D.DataError, match=rf"^{bad}: cannot decode image"):
         ds[1]
-    ds = D.build_dataset(make_args(root, "--datasets", "ssvtp", "--skip_bad_samples"), "val", tok, VT, seed=0)
-    item, nxt = ds[1], ds[2]
+    ds = D.build_dataset(make_args(root, "--datasets", "ssvtp"), "val", tok, VT, seed=0, tolerate_bad=True)
+    item, nxt = ds[1], ds[2]  # replaced by the next loadable sample, the replacement said in "bad"
     assert item["index"] == 2 and torch.equal(item["vision"], nxt["vision"])
-    out = capsys.readouterr().out
-    assert f"WARNING {bad}: cannot decode image" in out and "sample 1 replaced" in out
+    assert item["bad"].startswith(f"{bad}: cannot decode image") and "\n" not in item["bad"] and nxt["bad"] == ""
+    assert ds.file_problems(1) == [item["bad"]] and ds.file_problems(2) == []
+    os.remove(ds.items[2]["tactile"])  # two bad in a row: both named, in index order
+    item = ds[1]
+    assert item["index"] == 3 and item["bad"].split("\n") == [
+        ds.file_problems(1)[0], f"{ds.items[2]['tactile']}: file does not exist"]
 
 
 def test_csv_row_with_wrong_column_count(synth, tok, tmp_path):

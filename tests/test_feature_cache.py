@@ -239,3 +239,38 @@ def test_damaged_meta_json_is_refused_in_one_line(tmp_path):
     with pytest.raises(DataError, match=r"train/meta.json is unreadable .*rebuild the cache") as e:
         load_cache_meta(str(tmp_path), "train")
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_every_bad_file_of_a_split_is_reported_and_the_rest_cached(cache, small_tvl, tiny_stage1_files, tmp_path,
+                                                                    capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_tvl, data)
+    listing = D.build_dataset(cache_features.parse_args(cache_flags(tiny_stage1_files, str(data), tmp_path)),
+                              "train", None, ("vision", "text"), seed=0)
+    bad = [listing.items[1]["vision"], listing.items[10]["vision"]]  # in shards 0 and 2
+    originals = {}
+    for path in bad:
+        with open(path, "rb") as f:
+            originals[path] = f.read()
+    with open(bad[0], "wb") as f:
+        f.write(originals[bad[0]][:len(originals[bad[0]]) // 2])  # truncated
+    with open(bad[1], "w") as f:
+        f.write("not an image\n")
+    out = tmp_path / "c"
+    flags = cache_flags(tiny_stage1_files, str(data), out, "--cache_views", "1", "--splits", "train",
+                        "--active_modality_names", "vision", "text")
+    assert cache_features.main(flags) == 2
+    captured = capsys.readouterr()
+    report = captured.out[captured.out.index("data: 2 bad sample(s) in train"):].splitlines()[1:3]
+    assert [ln.split(": ")[0].strip() for ln in report] == sorted(bad), captured.out
+    assert captured.err.strip().splitlines()[-1].startswith("error: 2 sample(s) of train (their shards were not "
+                                                            "written; rerun once they are fixed)")
+    train = out / "train"
+    assert not (train / "meta.json").exists() and not list(train.glob(".tmp_*"))
+    assert sorted(p.name for p in train.glob("shard_*")) == ["shard_00001", "shard_00003", "shard_00004"]
+
+    for path, content in originals.items():  # fixed: the rerun writes the two missing shards only
+        with open(path, "wb") as f:
+            f.write(content)
+    assert cache_features.main(flags) == 0
+    assert_same_cache(cache, str(out), "train", modalities=("vision", "text"))

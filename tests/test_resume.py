@@ -19,7 +19,8 @@ import time
 import pytest
 import torch
 
-from conftest import TINY_REGISTERS, Run, load, main_in_process, read_log, running, scalars, stage1_flags
+from conftest import (TINY_REGISTERS, Run, assert_same_model, load, main_in_process, read_log, run_to_end, running,
+                      scalars, stage1_flags)
 
 SEED = int(os.environ.get("RESUME_TEST_SEED", "0"))
 EXIT_PREEMPTED = 75
@@ -37,28 +38,6 @@ def flags(files, data, out, modalities=None, extra=()):
     if modalities:
         f += ["--active_modality_names", *modalities]
     return f + list(extra)
-
-
-def run_to_end(argv, out, nproc=1):
-    r = Run(argv, out, nproc)
-    rc = r.wait()
-    assert rc == 0, r.tail()
-    return r
-
-
-def assert_same_model(out, ref_out, context=""):
-    got, ref = load(os.path.join(out, "checkpoint.pth")), load(os.path.join(ref_out, "checkpoint.pth"))
-    assert (got["epoch"], got["next_step"], got["global_step"]) == (ref["epoch"], ref["next_step"],
-                                                                     ref["global_step"]), context
-    assert got["model"].keys() == ref["model"].keys()
-    differ = [k for k in ref["model"] if not torch.equal(got["model"][k], ref["model"][k])]
-    assert not differ, f"{context}: not bitwise equal to the uninterrupted run: " + ", ".join(
-        f"{k} (max abs diff {(got['model'][k] - ref['model'][k]).abs().max().item():.3g})" for k in differ[:5])
-    # The optimizer state too (Adam moments and step counts), so a later continuation would also agree.
-    for (pid, s), (_, s_ref) in zip(sorted(got["optimizer"]["state"].items()),
-                                    sorted(ref["optimizer"]["state"].items())):
-        for k in s_ref:
-            assert torch.equal(s[k], s_ref[k]), f"{context}: optimizer state {pid}.{k} differs"
 
 
 def assert_same_log(out, ref_out):

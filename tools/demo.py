@@ -40,8 +40,7 @@ def cache_args(args):
     for k in ("datasets_dir", "text_prompt", "stage1_checkpoint", "clip_model", "clip_pretrained",
               "tactile_model", "device", "precision"):
         argv += [f"--{k}", str(getattr(args, k))] if getattr(args, k) is not None else []
-    argv += [f"--{k}" for k in ("no_text_prompt", "shuffle_text", "use_not_contact", "skip_bad_samples")
-             if getattr(args, k)]
+    argv += [f"--{k}" for k in ("no_text_prompt", "shuffle_text", "use_not_contact") if getattr(args, k)]
     return cache_features.parse_args(argv)
 
 

@@ -11,7 +11,7 @@ import pickle
 import random
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -156,6 +156,7 @@ class TrainState:
     global_step: int = 0  # optimizer steps so far (the TensorBoard step)
     best: float = -1.0  # best val_mean_r1 so far
     means: dict = None  # the epoch's running sums (engine's RunningMeans.state_dict()) when saved mid-epoch
+    bad_samples: list = field(default_factory=list)  # "path: reason" of each bad sample skipped (--max_bad_samples)
 
     def next_epoch(self):
         self.epoch, self.next_step, self.means = self.epoch + 1, 0, None
@@ -202,7 +203,7 @@ class RunFiles:
         set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
         self.layout = (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size"))
         state = TrainState(ckpt["epoch"], ckpt["next_step"], ckpt["global_step"], ckpt.get("best_val_mean_r1", -1.0),
-                           ckpt.get("partial"))
+                           ckpt.get("partial"), ckpt.get("bad_samples", []))
         if dist.is_main():
             print(f"resumed from {self.resume_path}: epoch {state.epoch}, step {state.next_step}, best val_mean_r1 "
                   f"{state.best:.2f}")
@@ -284,7 +285,8 @@ class RunFiles:
 
     def save(self, state, names=("checkpoint.pth",)):
         """Every rank: the checkpoint of `state` written by rank 0 under each name (atomically). Only what trains (the
-        register module), never the frozen Stage 1; state.means so that a resumed epoch logs the same averages."""
+        register module), never the frozen Stage 1; state.means so that a resumed epoch logs the same averages, and
+        state.bad_samples so that it counts skipped samples on (--max_bad_samples)."""
         ckpt = {
             "model": self.model.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -298,6 +300,7 @@ class RunFiles:
             "rng_ranks": dist.all_gather_object(rng_state()),  # every rank's (attention dropout draws differ per rank)
             "stage1_fingerprint": self.fingerprint,
             "partial": state.means,
+            "bad_samples": state.bad_samples,
         }
         error = None
         if dist.is_main():

@@ -2,6 +2,7 @@
 import os
 import signal
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -51,9 +52,33 @@ def init_distributed(device):
 def ignore_stop_signals(worker_id=None):
     """DataLoader worker_init_fn. Schedulers signal the whole process group; torch's worker SIGTERM handler would
     kill the worker mid-batch and take the run down before the main process could save. The main process alone
-    acts on SIGTERM/SIGUSR1 (workers still exit when it does: the loader shuts them down or they see it gone)."""
+    acts on SIGTERM/SIGUSR1. Such workers must be shut down explicitly (`tracked_loader`): at interpreter exit
+    multiprocessing ends daemonic children with SIGTERM and joins them, which would wait forever."""
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+
+
+_LOADERS = weakref.WeakSet()  # DataLoaders whose workers run_entry_point shuts down, whatever way the run ends
+
+
+def tracked_loader(loader):
+    """Registers a DataLoader for shutdown_loaders (called by run_entry_point on every exit path); returns it."""
+    _LOADERS.add(loader)
+    return loader
+
+
+def shutdown_loaders():
+    """Ends the worker processes of every tracked loader now: torch's own shutdown (a None on each index queue, a
+    join with a timeout), then SIGKILL for any worker still alive, since the SIGTERM torch falls back on is ignored."""
+    for loader in list(_LOADERS):
+        it, loader._iterator = getattr(loader, "_iterator", None), None
+        workers = getattr(it, "_workers", [])
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
 
 
 def is_dist():
@@ -130,12 +155,20 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def exception_message(e):
+    """str(e); for one re-raised from a DataLoader worker, the original one-line message without the traceback."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+    return msg
+
+
 def run_entry_point(run, args, outcomes):
     """Runs `run(args)` for a torchrun entry point and returns the process exit code.
 
     outcomes: [(exception types, exit code, label)], first match wins. Such an exception is an expected end (bad
-    input, a stop signal, a failed write): print "<label>: <message>" on one line instead of a traceback. The process
-    group is always torn down.
+    input, a stop signal, a failed write): print "<label>: <message>" on one line instead of a traceback. Loader
+    workers (tracked_loader) are always ended and the process group torn down.
     """
     try:
         run(args)
@@ -143,11 +176,16 @@ def run_entry_point(run, args, outcomes):
     except Exception as e:
         for types, code, label in outcomes:
             if isinstance(e, types):
-                msg = str(e)
-                if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the original message
-                    msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
-                print(f"{label}: {msg}", file=sys.stderr, flush=True)
+                # one write, newline included: print's two (text, then end) interleave with other ranks' lines
+                # on a shared unbuffered stderr
+                sys.stderr.write(f"{label}: {exception_message(e)}\n")
+                sys.stderr.flush()
                 return code
         raise
     finally:
+        shutdown_loaders()  # before the process group goes: a worker must not outlive its rank
+        if is_dist():
+            # The run is over. torchrun stops the other ranks with SIGTERM as soon as one exits; ignored from here on
+            # (it stays ignored through interpreter shutdown), it cannot turn this rank's exit code into -15.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cleanup()
