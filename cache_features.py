@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import util.dist as dist
-from data_stage2 import (CACHE_FORMAT, DataError, add_data_args, build_dataset, cache_data_flags)
+from data_stage2 import (CACHE_FORMAT, DataError, add_data_args, build_dataset, cache_data_flags, resolve_recipe)
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from util.checkpoint import atomic_write, fsync_dir
 from util.misc import MODALITIES, autocast, in_canonical_order, to_device
@@ -221,6 +221,7 @@ def run(args):
     _, _, device = dist.init_distributed(args.device)
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names).to(device)
+    resolve_recipe(args, stage1)  # Stage 1's data recipe, before any dataset is built
     for split in args.splits:
         cache_split(args, stage1, split, device)
 
