@@ -34,11 +34,12 @@ Deviations from the TVL reference reader, each on purpose:
   offset applies to the run named `data3` (the reference matched "data3" anywhere in the path); a crop
   that would leave the image is shifted back inside it.
 - Caption-less HCT samples (contact.json without a CSV) are left out after the split when text is active.
-- `--use_not_contact` frames (at most 10% of the HCT training samples, captioned `background`) go to the
-  train split only, after the split, so the split does not change with the flag.
+- `--use_not_contact` frames (at most --percent_not_contact of the HCT training samples, captioned
+  `background`) go to the train split only, after the split, so the split does not change with the flag.
 - Evaluation tactile frames are never augmented, also with background subtraction (the reference's
   validation set reused its training transform); a missing HCT background file is an error naming it
-  (the reference fell back to a digit_background.png three folders up).
+  (the reference fell back to a digit_background.png three folders up). The synchronised colour jitter
+  works on float images (the reference's on 8-bit PIL images, rounding after each of its four steps).
 """
 import argparse
 import csv
@@ -137,6 +138,8 @@ def given_recipe(args):
             raise DataError(f"--no_text_prompt and --text_prompt {given['text_prompt']!r}: give one of them")
         given["text_prompt"] = ""
     given = {k: v for k, v in given.items() if v is not None}
+    if not 0 <= given.get("percent_not_contact", 0) <= 1:
+        raise DataError(f"--percent_not_contact {given['percent_not_contact']}: must be a fraction in [0, 1]")
     if given.get("subtract_background") == "none":
         given["subtract_background"] = None
     return given
@@ -158,10 +161,6 @@ def stage1_recipe(train_args):
             recipe["text_prompt"] = "" if train_args.no_text_prompt else DEFAULT_PROMPT
         else:
             recipe[field] = getattr(train_args, field)
-    if recipe["subtract_background"] not in (None, "background"):
-        # TVL's SSVTP reader refuses the other choices and its HCT reader treats them as 'background'.
-        raise DataError(f"--stage1_checkpoint: its args say subtract_background={recipe['subtract_background']!r}, "
-                        f"which is not reproduced here; choose with --subtract_background none|background")
     return recipe, missing
 
 
@@ -174,9 +173,12 @@ def resolve_recipe(args, stage1):
     stored, missing = stage1_recipe(stage1.train_args)
     unknown = {"text_prompt" if f == "no_text_prompt" else f for f in missing}
     if missing:
-        say(f"recipe: the Stage 1 checkpoint's args do not say {', '.join(missing)}: "
-            f"{'TVL' if len(missing) == len(STAGE1_RECIPE_FIELDS) else 'its'} defaults for them")
+        say(f"recipe: the Stage 1 checkpoint's args do not say {', '.join(missing)}: TVL's defaults for them")
     given = given_recipe(args)
+    if stored["subtract_background"] not in (None, "background") and "subtract_background" not in given:
+        # TVL's SSVTP reader refuses the other choices and its HCT reader treats them as 'background'.
+        raise DataError(f"--stage1_checkpoint: its args say subtract_background={stored['subtract_background']!r}, "
+                        f"which is not reproduced here; choose with --subtract_background none|background")
     given_model, stored_model = getattr(args, "tactile_model", None), getattr(stage1.train_args, "tactile_model", None)
     if given_model and stored_model and given_model != stored_model:
         say(f"recipe: WARNING --tactile_model {given_model} departs from Stage 1's recipe ({stored_model})")

@@ -109,14 +109,18 @@ def test_checkpoint_without_recipe_keeps_the_defaults_in_one_line(capsys):
         assert recipe == {**D.RECIPE_DEFAULTS, "shuffle_text": True} and recipe["text_prompt"] == PROMPT
         assert [ln for ln in lines if "do not say" in ln] == [
             "recipe: the Stage 1 checkpoint's args do not say no_text_prompt, shuffle_text, replace_synonyms, "
-            "use_not_contact, percent_not_contact, subtract_background, color_jitter: TVL defaults for them"]
+            "use_not_contact, percent_not_contact, subtract_background, color_jitter: TVL's defaults for them"]
         assert not any("WARNING" in ln for ln in lines)  # nothing to depart from
     ns = tvl_train_args()
     del ns.color_jitter  # TVL versions before --color_jitter
     D.resolve_recipe(data_args(), SimpleNamespace(train_args=ns, tactile_model="t"))
-    assert "args do not say color_jitter: its defaults for them" in capsys.readouterr().out
+    assert "args do not say color_jitter: TVL's defaults for them" in capsys.readouterr().out
     with pytest.raises(D.DataError, match=r"subtract_background='median', which is not reproduced"):
         D.resolve_recipe(data_args(), stage1_stub(subtract_background="median"))
+    args = data_args("--subtract_background", "background")  # choosing explicitly is the way out
+    assert D.resolve_recipe(args, stage1_stub(subtract_background="median"))["subtract_background"] == "background"
+    with pytest.raises(D.DataError, match=r"^--percent_not_contact 1.5: must be a fraction in \[0, 1\]$"):
+        D.resolve_recipe(data_args("--percent_not_contact", "1.5"), stage1_stub())
 
 
 def test_built_stage1_exposes_its_stored_args(tiny_stage1):
