@@ -10,7 +10,7 @@ import argparse
 import sys
 
 import util.dist as dist
-from data_stage2 import DataError, add_data_args
+from data_stage2 import DataError, add_data_args, resolve_recipe
 from feature_cache import cache_split
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from util.misc import MODALITIES, in_canonical_order
@@ -46,6 +46,7 @@ def run(args):
     _, _, device = dist.init_distributed(args.device)
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names).to(device)
+    resolve_recipe(args, stage1)  # Stage 1's data recipe, before any dataset is built
     for split in args.splits:
         cache_split(args, stage1, split, device)
 

@@ -7,9 +7,14 @@ training augmentation, caption prompts, and tokenisation (layout: shared/TVL_DAT
 Only the active modalities are present; `default_collate` turns "index" into a long (B,) tensor.
 
 Splits. `train` and `val` come from train.csv (or the folder listing / contact.json) with TVL's seeded
-split, `train_test_split(items, train_size=0.9, random_state=42)`, applied per subset exactly as Stage 1
-did, so validation never holds Stage 1 training samples; `test` is test.csv. With both subsets active
-the dataset is SSVTP's items followed by HCT's.
+split, `train_test_split(items, train_size=0.9, random_state=42)`, applied per subset as Stage 1 did;
+`test` is test.csv. With both subsets active the dataset is SSVTP's items followed by HCT's. A Stage 1
+trained with --use_not_contact split HCT *after* adding the no-contact frames, so most HCT validation
+items were in its training split: only `test` is clean of Stage 1 training data.
+
+Recipe. Stage 1's data recipe (prompt, caption shuffling, synonyms, no-contact frames, background
+subtraction, colour jitter) is stored in its checkpoint's args; `resolve_recipe(args, stage1)` makes it
+this run's default, a flag given on the command line wins with a warning.
 
 Randomness. Every random choice of an item (flips, jitter factors, blur sigma, rotation, caption
 subset, order and synonyms) is drawn from generators seeded by `item_seed(seed, epoch, index, stream)`,
@@ -27,12 +32,16 @@ Deviations from the TVL reference reader, each on purpose:
   offset applies to the run named `data3` (the reference matched "data3" anywhere in the path); a crop
   that would leave the image is shifted back inside it.
 - Caption-less HCT samples (contact.json without a CSV) are left out after the split when text is active.
-- `--use_not_contact` frames (at most 10% of the HCT training samples, captioned `background`) go to the
-  train split only, after the split, so the split does not change with the flag.
-- Tactile images are not background-subtracted (the background path is read and kept on each item).
-- Two adjectives are joined as "a and b" (the reference wrote "a, and b").
+- `--use_not_contact` frames (at most --percent_not_contact of the HCT training samples, captioned
+  `background`) go to the train split only, after the split, so the split does not change with the flag.
+- Evaluation tactile frames are never augmented, also with background subtraction (the reference's
+  validation set reused its training transform); a missing HCT background file is an error naming it
+  (the reference fell back to a digit_background.png three folders up). The synchronised colour jitter
+  works on float images (the reference's on 8-bit PIL images, rounding after each of its four steps).
 """
+import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -48,12 +57,17 @@ from tqdm import tqdm
 
 import util.dist as dist
 
+from util.dist import is_main
+
 SUBSETS = ("ssvtp", "hct")
 IMG_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TAC_MEAN = (0.29174602, 0.29713256, 0.29104045)
 TAC_STD = (0.18764469, 0.19467652, 0.21871583)
+# Background-subtracted tactile frames (frame - background, both in [0, 1]) are normalised with these instead.
+TAC_BG_MEAN = (-0.00809318389762342, -0.01887447008747725, -0.018430588238856332)
+TAC_BG_STD = (0.04535400223885517, 0.044029170444552575, 0.05332520729596308)
 CROP_SCALE = 0.18           # vision crop side = ceil(sqrt(2) * CROP_SCALE * max(h, w))
 HCT_DATA3_TOP = 200         # data3's camera looks at the sensor lower in the frame
 SPLIT_TRAIN_SIZE, SPLIT_SEED = 0.9, 42
@@ -78,13 +92,103 @@ def add_data_args(parser):
     g.add_argument("--datasets", nargs="+", choices=SUBSETS, default=list(SUBSETS))
     g.add_argument("--no_augment", action="store_true",
                    help="deterministic training inputs: no image augmentation, all adjectives in order")
-    g.add_argument("--text_prompt", default=DEFAULT_PROMPT)
-    g.add_argument("--no_text_prompt", action="store_true", help="captions are the adjectives alone")
-    g.add_argument("--shuffle_text", action="store_true", help="shuffle the sampled adjectives (training)")
-    g.add_argument("--use_not_contact", action="store_true",
-                   help="mix HCT no-contact frames (<= 10%%, captioned 'background') into training")
     g.add_argument("--num_workers", type=int, default=4)
+    g = parser.add_argument_group(
+        "data recipe", "Default: Stage 1's own, read from the args stored in --stage1_checkpoint (TVL's defaults when "
+                       "it stores none); a flag given here departs from it, with a warning")
+    # default=None everywhere: "not given on the command line", so Stage 1's value can take its place.
+    g.add_argument("--text_prompt", default=None, help=f"text before the adjectives (TVL's: '{DEFAULT_PROMPT}')")
+    g.add_argument("--no_text_prompt", action="store_true", default=None,
+                   help="captions are the adjectives alone (= --text_prompt ''; all released TVL Stage 1s)")
+    g.add_argument("--shuffle_text", action=argparse.BooleanOptionalAction, default=None,
+                   help="shuffle the sampled adjectives of training captions")
+    g.add_argument("--replace_synonyms", action=argparse.BooleanOptionalAction, default=None,
+                   help="SSVTP training captions: each adjective drawn among itself and its ssvtp/synonyms.json synonyms")
+    g.add_argument("--use_not_contact", action=argparse.BooleanOptionalAction, default=None,
+                   help="mix HCT no-contact frames (captioned 'background') into training")
+    g.add_argument("--percent_not_contact", type=float, default=None,
+                   help=f"at most this fraction of no-contact frames with --use_not_contact ({NOT_CONTACT_FRAC})")
+    g.add_argument("--subtract_background", choices=["none", "background"], default=None,
+                   help="'background': tactile frames minus the sensor's image with nothing touching it (HCT: each "
+                        "run's own; SSVTP: --tactile_background)")
+    g.add_argument("--color_jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --subtract_background background: one colour jitter for an SSVTP training frame and its "
+                        "background (without subtraction the tactile jitter is always on, as in TVL)")
+    g.add_argument("--tactile_background", default=None,
+                   help="SSVTP sensor background image for --subtract_background background (TVL ships it as "
+                        "tvl_enc/data/tac_background.png; not part of the dataset)")
     return parser
+
+
+# ----------------------------------------------------------------------------- recipe
+
+# The data recipe and its defaults when neither Stage 1 nor the command line sets a value (TVL's parser defaults).
+RECIPE_DEFAULTS = dict(text_prompt=DEFAULT_PROMPT, shuffle_text=False, replace_synonyms=False, use_not_contact=False,
+                       percent_not_contact=NOT_CONTACT_FRAC, subtract_background=None, color_jitter=False)
+# The fields of TVL's stored args that carry it (no_text_prompt becomes text_prompt).
+STAGE1_RECIPE_FIELDS = ("no_text_prompt", "shuffle_text", "replace_synonyms", "use_not_contact",
+                        "percent_not_contact", "subtract_background", "color_jitter")
+
+
+def given_recipe(args):
+    """{name: value} of the recipe flags given on the command line (not None); raises DataError on a conflict."""
+    given = {k: getattr(args, k, None) for k in RECIPE_DEFAULTS}
+    if getattr(args, "no_text_prompt", None):
+        if given["text_prompt"] not in (None, ""):
+            raise DataError(f"--no_text_prompt and --text_prompt {given['text_prompt']!r}: give one of them")
+        given["text_prompt"] = ""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not 0 <= given.get("percent_not_contact", 0) <= 1:
+        raise DataError(f"--percent_not_contact {given['percent_not_contact']}: must be a fraction in [0, 1]")
+    if given.get("subtract_background") == "none":
+        given["subtract_background"] = None
+    return given
+
+
+def recipe_of(args):
+    """The effective recipe {name: value}: the flags of args where set, RECIPE_DEFAULTS elsewhere (args that
+    resolve_recipe has seen hold every value)."""
+    return {**RECIPE_DEFAULTS, **given_recipe(args)}
+
+
+def stage1_recipe(train_args):
+    """-> (Stage 1's recipe {name: value}, names of TVL fields its stored args lack: defaults used for them)."""
+    recipe, missing = dict(RECIPE_DEFAULTS), []
+    for field in STAGE1_RECIPE_FIELDS:
+        if not hasattr(train_args, field):
+            missing.append(field)
+        elif field == "no_text_prompt":
+            recipe["text_prompt"] = "" if train_args.no_text_prompt else DEFAULT_PROMPT
+        else:
+            recipe[field] = getattr(train_args, field)
+    return recipe, missing
+
+
+def resolve_recipe(args, stage1):
+    """Make Stage 1's data recipe this run's: every RECIPE_DEFAULTS name of args is set to the command line's value
+    where one was given (a warning when it departs from Stage 1's), else to Stage 1's (stage1.train_args, the args
+    stored in its checkpoint), else to the default. args.tactile_model becomes the model the weights were loaded
+    into. Prints the effective recipe (rank 0)."""
+    say = print if is_main() else (lambda *a: None)
+    stored, missing = stage1_recipe(stage1.train_args)
+    unknown = {"text_prompt" if f == "no_text_prompt" else f for f in missing}
+    if missing:
+        say(f"recipe: the Stage 1 checkpoint's args do not say {', '.join(missing)}: TVL's defaults for them")
+    given = given_recipe(args)
+    if stored["subtract_background"] not in (None, "background") and "subtract_background" not in given:
+        # TVL's SSVTP reader refuses the other choices and its HCT reader treats them as 'background'.
+        raise DataError(f"--stage1_checkpoint: its args say subtract_background={stored['subtract_background']!r}, "
+                        f"which is not reproduced here; choose with --subtract_background none|background")
+    given_model, stored_model = getattr(args, "tactile_model", None), getattr(stage1.train_args, "tactile_model", None)
+    if given_model and stored_model and given_model != stored_model:
+        say(f"recipe: WARNING --tactile_model {given_model} departs from Stage 1's recipe ({stored_model})")
+    for k, v in given.items():
+        if k not in unknown and v != stored[k]:
+            say(f"recipe: WARNING --{k} {v!r} departs from Stage 1's recipe ({stored[k]!r})")
+    recipe = {**stored, **given}
+    vars(args).update(recipe, no_text_prompt=recipe["text_prompt"] == "", tactile_model=stage1.tactile_model)
+    say("recipe: " + " ".join(f"{k}={v!r}" for k, v in recipe.items()) + f" tactile_model={stage1.tactile_model!r}")
+    return recipe
 
 
 # ----------------------------------------------------------------------------- randomness, split, text
@@ -124,11 +228,10 @@ def parse_adjectives(raw):
 
 
 def join_adjectives(words):
-    """['a'] -> 'a'; ['a', 'b'] -> 'a and b'; ['a', 'b', 'c'] -> 'a, b, and c'."""
+    """['a'] -> 'a'; ['a', 'b'] -> 'a, and b'; ['a', 'b', 'c'] -> 'a, b, and c'. The two-word comma is TVL's
+    (its "a and b" branch is unreachable), so these are the captions Stage 1 was trained on."""
     if len(words) == 1:
         return words[0]
-    if len(words) == 2:
-        return f"{words[0]} and {words[1]}"
     return ", ".join(words[:-1]) + f", and {words[-1]}"
 
 
@@ -193,12 +296,25 @@ def _color_jitter(x, g, cfg):
     if not _coin(g, cfg["p"]):
         return x
     order = torch.randperm(4, generator=g).tolist()
-    factors = [_uniform(g, *cfg[k]) for k in ("brightness", "contrast", "saturation", "hue")]
+    return _jitter(x, order, _jitter_factors(g, cfg))
+
+
+def _jitter_factors(g, cfg):
+    return [_uniform(g, *cfg[k]) for k in ("brightness", "contrast", "saturation", "hue")]
+
+
+def _jitter(x, order, factors):
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for k in order:
         if k < 3 or factors[3] != 0.0:
             x = ops[k](x, factors[k])
     return x
+
+
+@functools.lru_cache(maxsize=128)
+def load_background(path):
+    """A run's background image, decoded once per process (many frames share it); never modified by callers."""
+    return load_image(path)
 
 
 def vision_transform(img, crop_top=None, g=None):
@@ -230,6 +346,28 @@ def tactile_transform(img, g=None):
             x = torch.rot90(x, 1, dims=(-2, -1))
     x = TF.resize(x, [IMG_SIZE, IMG_SIZE], antialias=True)
     return TF.normalize(x, TAC_MEAN, TAC_STD)
+
+
+def tactile_minus_background(img, background, g=None, sync_jitter=False):
+    """TVL's --subtract_background background. uint8 (3, H, W) frame and its background image -> normalised float
+    (3, 224, 224): both padded and rotated alike, to [0, 1], frame - background; with g: [sync_jitter: one colour
+    jitter (p 0.8, brightness, contrast, saturation, hue in that order) for frame and background, before the
+    subtraction], a horizontal flip, a 0/90 degree rotation (no vertical flip, no other jitter: TVL's recipe);
+    resize; normalised with the statistics of subtracted frames."""
+    # / 255 as ToTensor does (to_dtype multiplies by 1/255: an ulp apart, which the small std below magnifies)
+    x = pad_rotate_tactile(img).float() / 255
+    bg = pad_rotate_tactile(background).float() / 255
+    if g is not None and sync_jitter and _coin(g, TACTILE_JITTER["p"]):
+        factors = _jitter_factors(g, TACTILE_JITTER)
+        x, bg = _jitter(x, range(4), factors), _jitter(bg, range(4), factors)
+    x = x - bg
+    if g is not None:
+        if _coin(g, 0.5):
+            x = TF.horizontal_flip(x)
+        if _coin(g, 0.5):
+            x = torch.rot90(x, 1, dims=(-2, -1))
+    x = TF.resize(x, [IMG_SIZE, IMG_SIZE], antialias=True)
+    return TF.normalize(x, TAC_BG_MEAN, TAC_BG_STD)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -315,7 +453,7 @@ def _hct_item(run_dir, run, vis, tac, bg, adjs, src):
                 crop_top=HCT_DATA3_TOP if run == "data3" else 0)
 
 
-def read_hct(root, split, use_not_contact=False, seed=0):
+def read_hct(root, split, use_not_contact=False, seed=0, percent_not_contact=NOT_CONTACT_FRAC):
     """HCT items of a split: runs (sub-folders with contact.json) in sorted order, rows of train.csv/test.csv
     (or contact.json, caption-less, for train/val), split over the concatenation of all runs."""
     runs = sorted(r for r in os.listdir(root) if os.path.isfile(os.path.join(root, r, "contact.json")))
@@ -338,7 +476,7 @@ def read_hct(root, split, use_not_contact=False, seed=0):
         raise DataError(f"{root}: no {split} samples (expected rows in <run>/{'test' if split == 'test' else 'train'}.csv)")
     items = _split(items, split)
     if use_not_contact and split == "train":
-        items += read_not_contact(root, runs, max_count=int(NOT_CONTACT_FRAC * len(items)), seed=seed)
+        items += read_not_contact(root, runs, max_count=int(percent_not_contact * len(items)), seed=seed)
     return items
 
 
@@ -365,10 +503,10 @@ def _bad_sample(bad, message):
     bad.append(message)
 
 
-def _check_files(items, active, bad):
+def _check_files(items, active, bad, background=False):
     """Every file the active modalities need must exist: error naming the first missing one, or (with a `bad`
     list) the sample dropped and its missing files named in `bad`."""
-    keys = [k for k in ("vision", "tactile", "text") if k in active]
+    keys = [k for k in ("vision", "tactile", "text") if k in active] + (["background"] if background else [])
     kept = []
     for it in items:  # it["text"]: SSVTP label path ("" when the RGB name has no id), None for HCT (CSV caption)
         missing = [it[k] or f"label file of {it['vision']} (expected an RGB name image_<id>_rgb.<ext>)"
@@ -413,7 +551,8 @@ class TVLDataset(Dataset):
     line per replaced sample, "" when none; see pop_bad). Otherwise such a sample raises DataError."""
 
     def __init__(self, items, tokenizer, active_modalities, seed, augment, prompt=DEFAULT_PROMPT,
-                 shuffle_text=False, synonyms=None, replace_bad=False, bad_files=None):
+                 shuffle_text=False, synonyms=None, replace_bad=False, bad_files=None, subtract_background=False,
+                 color_jitter=False):
         self.items = items
         self.tokenizer = tokenizer
         self.active = tuple(active_modalities)
@@ -421,6 +560,8 @@ class TVLDataset(Dataset):
         self.prompt, self.shuffle_text = prompt, shuffle_text
         self.synonyms = synonyms or {}  # {subset: {word: [synonyms]}}
         self.replace_bad, self.bad_files = replace_bad, list(bad_files or [])
+        self.subtract_background = subtract_background  # tactile frames minus each item's "background" image
+        self.color_jitter = color_jitter  # with subtraction: TVL's synchronised jitter, SSVTP only
         self.sample_ids = [it["id"] for it in items]
         self.captions = None
         if "text" in self.active:
@@ -464,7 +605,7 @@ class TVLDataset(Dataset):
         if "vision" in self.active:
             out["vision"] = vision_transform(load_image(it["vision"]), it["crop_top"], self._gen(epoch, index, "vision"))
         if "tactile" in self.active:
-            out["tactile"] = tactile_transform(load_image(it["tactile"]), self._gen(epoch, index, "tactile"))
+            out["tactile"] = self._tactile(it, self._gen(epoch, index, "tactile"))
         if "text" in self.active:
             if self.augment:
                 rng = random.Random(item_seed(self.seed, epoch, index, STREAMS["text"]))
@@ -476,9 +617,21 @@ class TVLDataset(Dataset):
         out["index"] = index
         return out
 
+    def _tactile(self, it, g):
+        frame = load_image(it["tactile"])
+        if not self.subtract_background:
+            return tactile_transform(frame, g)
+        background = load_background(it["background"])
+        if frame.shape != background.shape:
+            raise DataError(f"{it['tactile']}: {tuple(frame.shape[1:])} pixels, its background {it['background']} "
+                            f"{tuple(background.shape[1:])}: background subtraction needs the same size")
+        sync = self.color_jitter and it["id"].startswith("ssvtp/")  # TVL's HCT reader never jitters
+        return tactile_minus_background(frame, background, g, sync)
+
 
 def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None, tolerate_bad=False):
-    """The TVLDataset of `split` ("train" | "val" | "test") over args.datasets under args.datasets_dir.
+    """The TVLDataset of `split` ("train" | "val" | "test") over args.datasets under args.datasets_dir, with the
+    data recipe of args (recipe_of: after resolve_recipe, Stage 1's unless overridden).
     augment=None: the train split augments unless args.no_augment; val/test never do. Raises DataError, at the
     first missing file; with tolerate_bad samples with missing files or empty labels are left out instead (named
     in the dataset's bad_files) and undecodable ones are replaced (TVLDataset's replace_bad)."""
@@ -487,7 +640,9 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
     root = args.datasets_dir
     if not root or not os.path.isdir(root):
         raise DataError(f"--datasets_dir {root}: no such directory (expected the TVL folder holding ssvtp/ and hct/)")
+    recipe = recipe_of(args)
     augment = (split == "train" and not args.no_augment) if augment is None else augment
+    subtract = recipe["subtract_background"] == "background" and "tactile" in active_modalities
     items, synonyms = [], {}
     bad = [] if tolerate_bad else None
     subsets = [s for s in SUBSETS if s in args.datasets]  # always SSVTP first: item indices do not depend on flag order
@@ -497,9 +652,12 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
             raise DataError(f"{sub}: missing (expected the {subset.upper()} subset of TVL, see TVL_DATA_FORMAT.md)")
         if subset == "ssvtp":
             part = read_ssvtp(sub, split, bad)
+            background = _ssvtp_background(args) if subtract else None
+            for it in part:
+                it["background"] = background
         else:
-            part = read_hct(sub, split, args.use_not_contact, seed)
-        part = _check_files(part, active_modalities, bad)
+            part = read_hct(sub, split, recipe["use_not_contact"], seed, recipe["percent_not_contact"])
+        part = _check_files(part, active_modalities, bad, background=subtract)
         if "text" in active_modalities:
             part = _read_labels(part, bad)
             n = len(part)
@@ -509,12 +667,27 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
         if not part:
             raise DataError(f"{sub}: no usable {split} samples")
         items += part
-        synonyms[subset] = _load_json(os.path.join(sub, "synonyms.json"))
+        if subset == "ssvtp" and recipe["replace_synonyms"]:  # TVL replaces synonyms in SSVTP captions only
+            synonyms[subset] = _load_json(os.path.join(sub, "synonyms.json"))
+            if synonyms[subset] is None:
+                print(f"data: --replace_synonyms: {sub}/synonyms.json does not exist, captions keep their words")
     print(f"data: {split}: {len(items)} samples from {', '.join(subsets)} (augment={augment})"
           + (f", {len(bad)} left out for missing files or empty labels" if bad else ""))
-    prompt = "" if args.no_text_prompt else args.text_prompt
-    return TVLDataset(items, tokenizer, active_modalities, seed, augment, prompt, args.shuffle_text,
-                      {k: v for k, v in synonyms.items() if v}, tolerate_bad, bad)
+    return TVLDataset(items, tokenizer, active_modalities, seed, augment, recipe["text_prompt"],
+                      recipe["shuffle_text"], {k: v for k, v in synonyms.items() if v}, tolerate_bad, bad, subtract,
+                      recipe["color_jitter"])
+
+
+def _ssvtp_background(args):
+    """SSVTP's one sensor background image (not in the dataset): --tactile_background, required for subtraction."""
+    path = getattr(args, "tactile_background", None)
+    if not path:
+        raise DataError("--tactile_background: required, Stage 1's recipe subtracts the sensor background from "
+                        "SSVTP tactile frames (pass TVL's tvl_enc/data/tac_background.png, or --subtract_background "
+                        "none to depart from that recipe)")
+    if not os.path.isfile(path):
+        raise DataError(f"--tactile_background {path}: no such file")
+    return path
 
 
 # ----------------------------------------------------------------------------- bad files

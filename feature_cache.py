@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import util.dist as dist
-from data_stage2 import SUBSETS, DataError, build_dataset, epoch_and_index, item_seed, pop_bad, raise_bad_files
+from data_stage2 import (RECIPE_DEFAULTS, SUBSETS, DataError, build_dataset, epoch_and_index, item_seed, pop_bad,
+                         raise_bad_files, recipe_of)
 from util.checkpoint import atomic_write, fsync_dir
 from util.misc import autocast, to_device
 
@@ -47,12 +48,14 @@ from util.misc import autocast, to_device
 
 CACHE_FORMAT = "fluxtalk-feature-cache-1"
 # Flags that change which samples a split holds or what its captions say, so what the cache holds.
-CACHE_DATA_FLAGS = ("datasets", "text_prompt", "no_text_prompt", "shuffle_text", "use_not_contact")
+CACHE_DATA_FLAGS = ("datasets", "tactile_background") + tuple(RECIPE_DEFAULTS)
 CACHE_VIEW_STREAM = 3  # item_seed stream of the per-epoch view choice (0..2 are the modalities' augmentation)
 
 
 def cache_data_flags(args):
-    flags = {k: getattr(args, k) for k in CACHE_DATA_FLAGS}
+    flags = {**{k: getattr(args, k, None) for k in CACHE_DATA_FLAGS}, **recipe_of(args)}
+    if flags["subtract_background"] is None:
+        flags["tactile_background"] = None  # unused without subtraction
     flags["datasets"] = [s for s in SUBSETS if s in args.datasets]  # the order of the flag does not matter
     return flags
 

@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
-from data_stage2 import BadSamples, DataError, GuardedLoader, add_data_args, build_dataset, check_data
+from data_stage2 import (BadSamples, DataError, GuardedLoader, add_data_args, build_dataset, check_data,
+                         resolve_recipe)
 from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
 from feature_cache import build_cached_dataset
 from loss_stage2 import Stage2Loss
@@ -346,6 +347,7 @@ def run(args):
     stop.install()
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names)
+    resolve_recipe(args, stage1)  # Stage 1's data recipe, before any dataset is built or args.json written
     model = build_model(args, stage1)
     # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
     (model.registers if args.feature_cache else model).to(args.device_obj)

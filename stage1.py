@@ -161,7 +161,7 @@ class FrozenStage1(nn.Module):
     """OpenCLIP + timm tactile encoder, frozen; forward(batch) -> token features, padding masks, globals."""
 
     def __init__(self, clip, tactile_encoder, modality_heads=None, logit_scale=None, tokenizer=None,
-                 active_modalities=MODALITIES, fingerprint=None):
+                 active_modalities=MODALITIES, fingerprint=None, train_args=None, tactile_model=None):
         super().__init__()
         if not isinstance(clip, open_clip.CLIP):
             raise Stage1Error(f"--clip_model: {type(clip).__name__} models are not supported (need OpenCLIP's "
@@ -173,6 +173,10 @@ class FrozenStage1(nn.Module):
         self.logit_scale = logit_scale
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
+        # How Stage 1 was trained: the argparse.Namespace stored in its checkpoint (None when absent). Its data
+        # recipe (text prompt, background subtraction, ...) is the default of this run's data pipeline.
+        self.train_args = train_args
+        self.tactile_model = tactile_model  # the timm name the tactile weights were loaded into
         dims = {"vision": clip.visual.transformer.width, "text": clip.transformer.width,
                 "tactile": tactile_encoder.num_features}
         self.feature_dims = {m: dims[m] for m in self.active_modalities}
@@ -268,7 +272,7 @@ def build_stage1(stage1_checkpoint, clip_model="ViT-L-14", clip_pretrained="data
     return FrozenStage1(clip, tactile, heads,
                         logit_scale=None if logit_scale is None else float(logit_scale.reshape(-1)[0]),
                         tokenizer=open_clip.get_tokenizer(clip_model), active_modalities=active_modalities,
-                        fingerprint=state_fingerprint(loaded))
+                        fingerprint=state_fingerprint(loaded), train_args=ckpt_args, tactile_model=tactile_model)
 
 
 def _check_heads(heads, clip, tactile, active_modalities, path):

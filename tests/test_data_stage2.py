@@ -349,7 +349,7 @@ def test_adjective_parsing_and_joining():
     assert D.parse_adjectives("hard,, soft,\n") == ["hard", "soft"]
     p = "This image gives tactile feelings of "
     assert D.make_caption(["smooth"], p) == "This image gives tactile feelings of smooth."
-    assert D.make_caption(["soft", "fuzzy"], p) == "This image gives tactile feelings of soft and fuzzy."
+    assert D.make_caption(["soft", "fuzzy"], p) == "This image gives tactile feelings of soft, and fuzzy."  # TVL's comma
     assert D.make_caption(["rough", "hard", "grainy", "warm"], "") == "rough, hard, grainy, and warm."
 
 
@@ -357,11 +357,11 @@ def test_training_caption_subsets_uniform_in_order():
     adjs, p = ["a", "b", "c"], "P "
     rng = random.Random(0)
     counts = Counter(D.make_caption(adjs, p, rng) for _ in range(7000))
-    expected = {"P a.", "P b.", "P c.", "P a and b.", "P a and c.", "P b and c.", "P a, b, and c."}
+    expected = {"P a.", "P b.", "P c.", "P a, and b.", "P a, and c.", "P b, and c.", "P a, b, and c."}
     assert set(counts) == expected  # non-empty subsets only, original order kept
     assert all(800 < c < 1200 for c in counts.values())  # uniform over the 7 subsets (1000 each)
     shuffled = {D.make_caption(adjs, p, rng, shuffle=True) for _ in range(2000)}
-    assert "P c, b, and a." in shuffled and "P b and a." in shuffled
+    assert "P c, b, and a." in shuffled and "P b, and a." in shuffled
     syn = {"a": ["x", "y"]}
     words = Counter(D.make_caption(["a"], p, rng, synonyms=syn) for _ in range(3000))
     assert set(words) == {"P a.", "P x.", "P y."} and min(words.values()) > 850
@@ -371,7 +371,7 @@ def test_dataset_captions_from_labels_and_csv(synth, tok):
     args = make_args(synth, "--no_augment")
     ds = D.build_dataset(args, "test", tok, VTT, seed=0)
     wood = "This image gives tactile feelings of rough, hard, grainy, and warm."
-    fabric = "This image gives tactile feelings of soft and fuzzy."
+    fabric = "This image gives tactile feelings of soft, and fuzzy."
     names = {0: "This image gives tactile feelings of smooth, hard, and cold.", 1: fabric, 2: wood,
              3: "This image gives tactile feelings of squishy.", 5: "This image gives tactile feelings of bumpy, rough, and textured.",
              4: "This image gives tactile feelings of glossy, slippery, and smooth."}
@@ -388,7 +388,8 @@ def test_dataset_captions_from_labels_and_csv(synth, tok):
 
 
 def test_training_text_uses_synonyms_for_ssvtp(synth, tok):
-    ds = D.build_dataset(make_args(synth, "--datasets", "ssvtp"), "train", tok, ("vision", "text"), seed=0)
+    ds = D.build_dataset(make_args(synth, "--datasets", "ssvtp", "--replace_synonyms"), "train", tok,
+                         ("vision", "text"), seed=0)
     assert ds.synonyms["ssvtp"]["smooth"] == ["sleek", "even"]
     i = next(i for i, f in enumerate(factors_of(synth, ds)) if f["material"] == 0)  # smooth, hard, cold
     tokens = set()

@@ -69,6 +69,7 @@ def assert_same_cache(a, b, split, modalities=("vision", "tactile", "text")):
 def test_views_are_stage1_features_of_the_pipeline_inputs(cache, small_tvl, tiny_stage1):
     """View 0 = Stage 1 on the un-augmented inputs; view 1 = on the augmented inputs of epoch 1, same (seed, index)."""
     args = D.add_data_args(__import__("argparse").ArgumentParser()).parse_args(["--datasets_dir", small_tvl])
+    D.resolve_recipe(args, tiny_stage1)  # the data recipe cache_features took from the Stage 1 checkpoint
     meta = json.load(open(os.path.join(cache, "train", "meta.json")))
     assert meta["views"] == 2 and meta["num_shards"] == 5 and meta["arrays"]["vision_tokens"]["dtype"] == "float16"
     shard = 3  # samples 12..15
@@ -197,8 +198,9 @@ def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_
     assert code == 2 and line.startswith(f"error: --feature_cache {cache} (val): made with another Stage 1")
 
     def args(*extra):
-        return M.parse_args(train_flags(tiny_stage1_files, small_tvl, tmp_path / "run", "--feature_cache", cache,
-                                        *extra))
+        a = M.parse_args(train_flags(tiny_stage1_files, small_tvl, tmp_path / "run", "--feature_cache", cache, *extra))
+        D.resolve_recipe(a, tiny_stage1)  # as the trainer does once Stage 1 is loaded
+        return a
 
     # other modalities: a vision + text cache cannot serve a tactile run
     vt = str(tmp_path / "vt")
@@ -213,8 +215,8 @@ def test_refusals_name_the_cache_and_what_differs(cache, small_tvl, tiny_stage1_
     with pytest.raises(D.DataError, match=r"\(train\): another split or captions: --datasets \['ssvtp', 'hct'\] "
                                           r"\(cache\) vs \['ssvtp'\]"):
         FC.build_cached_dataset(args("--datasets", "ssvtp"), "train", tiny_stage1, 0)
-    with pytest.raises(D.DataError, match=r"another split or captions: --no_text_prompt False \(cache\) vs True"):
-        FC.build_cached_dataset(args("--no_text_prompt"), "val", tiny_stage1, 0)
+    with pytest.raises(D.DataError, match=r"another split or captions: --text_prompt '' \(cache\) vs 'This image"):
+        FC.build_cached_dataset(args("--text_prompt", "This image gives tactile feelings of "), "val", tiny_stage1, 0)
     tampered = str(tmp_path / "tampered")
     shutil.copytree(os.path.join(cache, "val"), os.path.join(tampered, "val"))
     meta = json.load(open(os.path.join(tampered, "val", "meta.json")))
