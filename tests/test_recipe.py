@@ -17,6 +17,7 @@ from PIL import Image
 
 import cache_features
 import data_stage2 as D
+import feature_cache as FC
 import main_train_stage2 as M
 from tools.make_synthetic_tvl import SYNONYMS, make_synthetic_tvl
 from tools.make_tiny_stage1 import make_tiny_stage1, tvl_train_args
@@ -131,7 +132,7 @@ def test_built_stage1_exposes_its_stored_args(tiny_stage1):
 def test_cache_fingerprint_holds_the_recipe():
     base = data_args("--datasets_dir", "d")
     D.resolve_recipe(base, stage1_stub())
-    flags = D.cache_data_flags(base)
+    flags = FC.cache_data_flags(base)
     assert {k: flags[k] for k in ("text_prompt", "subtract_background", "replace_synonyms", "shuffle_text")} == \
         {"text_prompt": "", "subtract_background": None, "replace_synonyms": True, "shuffle_text": True}
     for change in (dict(no_text_prompt=False), dict(subtract_background="background"), dict(replace_synonyms=False),
@@ -139,7 +140,7 @@ def test_cache_fingerprint_holds_the_recipe():
                    dict(color_jitter=True)):
         other = data_args("--datasets_dir", "d", "--tactile_background", "bg.png")
         D.resolve_recipe(other, stage1_stub(**change))
-        assert D.cache_data_flags(other) != flags, change
+        assert FC.cache_data_flags(other) != flags, change
 
 
 # ----------------------------------------------------------------------------- background subtraction
