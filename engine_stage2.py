@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import util.dist as dist
-from loss_stage2 import prefix_curve, recall_at_k, text_threshold_accuracy
+from loss_stage2 import prefix_curve, recall_at_k, tvl_metrics
 from util.lr_sched import adjust_learning_rate, nested_dropout_rate_at
 from util.misc import autocast, modality_pairs, pair_name, to_device
 
@@ -221,25 +221,26 @@ def check_finite(first_bad):
 
 @torch.no_grad()
 def compute_embeddings(model, loader, args):
-    """Runs the model over a whole split. Returns (registers {m: (N, K, E)}, text global (N, E) | None, index (N,)),
-    gathered from every rank, with the duplicates that DistributedSampler pads in removed, sorted by index."""
+    """Runs the model over a whole split, all tokens kept. Returns {"registers": {m: (N, K, E)}, "global": {m: (N, E)}
+    Stage 1's own global embeddings, "index": (N,)}, gathered from every rank, with the duplicates that
+    DistributedSampler pads in removed, sorted by index."""
     model.eval()
     device = args.device_obj
-    regs, text_global, index = {}, [], []
+    parts, index = {"registers": {}, "global": {}}, []
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, args.precision):
             out = model(batch)
-        for m, r in out["registers"].items():
-            regs.setdefault(m, []).append(r.float())
-        if "text" in out["global"]:
-            text_global.append(out["global"]["text"].float())
+        for kind, per_m in parts.items():
+            for m, x in out[kind].items():
+                per_m.setdefault(m, []).append(x.float())
         index.append(batch["index"])
     index = dist.all_gather_cat(torch.cat(index))
     order = unique_first(index)
-    regs = {m: dist.all_gather_cat(torch.cat(r))[order].cpu() for m, r in regs.items()}
-    text_global = dist.all_gather_cat(torch.cat(text_global))[order].cpu() if text_global else None
-    return regs, text_global, index[order].cpu()
+    emb = {kind: {m: dist.all_gather_cat(torch.cat(xs))[order].cpu() for m, xs in per_m.items()}
+           for kind, per_m in parts.items()}
+    emb["index"] = index[order].cpu()
+    return emb
 
 
 def unique_first(index):
@@ -251,62 +252,106 @@ def unique_first(index):
     return order[keep]
 
 
-def evaluate(model, loader, args):
-    """Cross-modal retrieval over the whole split (DESIGN.md, Evaluation).
+def pooled(registers, k):
+    """(N, K, E) registers, all kept -> (N, E): the L2-normalised mean of the first k tokens."""
+    return F.normalize(registers[:, :k].mean(dim=1), dim=-1)
 
-    Returns (metrics {name: float, percent}, artifacts {"sim": {pair: (N, N)}, "prefix": {pair: [r1_k]}}).
-    metrics holds, per pair a_b and direction q->g (full modality names, e.g. val_tactile_text_text2tactile_r1):
-    val_<a>_<b>_<q>2<g>_r1 / _r5 / _text_acc, the pair's mean
-    val_<a>_<b>_r1, the prefix curve val_<a>_<b>_prefix<k>_r1, and val_mean_r1 (mean Recall@1 over pairs and
-    directions, which selects the best checkpoint).
+
+def retrieval_metrics(z, text_global=None):
+    """Whole-split retrieval between L2-normalised embeddings z {m: (N, E)}, row i of every modality = sample i.
+
+    Returns ({metric: percent}, {pair: (N, N) similarity}). Per pair a_b (full modality names, sorted) and direction
+    q->g: <a>_<b>_<q>2<g>_r1 / _r5 (Recall@k), <a>_<b>_r1 (their mean), mean_r1 over every pair and direction; and
+    TVL's published metrics (loss_stage2.tvl_metrics): touch_vision_acc on tactile_vision, touch_language_acc@T on
+    tactile_text (text_global: Stage 1's text embeddings of the captions, which decide what counts as a hit).
     """
-    regs, text_global, _ = compute_embeddings(model, loader, args)
-    k_o = args.num_overlapping_tokens
-    z = {m: F.normalize(r[:, :k_o].mean(dim=1), dim=-1) for m, r in regs.items()}  # eval keeps every token
-    metrics, sims, prefixes = {}, {}, {}
-    r1_all = []
+    metrics, sims, r1_all = {}, {}, []
+    for a, b in modality_pairs(z):
+        name = pair_name(a, b)
+        sim = sims[name] = z[a] @ z[b].T  # row i = query a_i, column j = gallery b_j; pairs on the diagonal
+        for q, g, s in ((a, b, sim), (b, a, sim.T)):
+            rec = recall_at_k(s, ks=(1, 5))
+            metrics[f"{name}_{q}2{g}_r1"], metrics[f"{name}_{q}2{g}_r5"] = rec[1], rec[5]
+            r1_all.append(rec[1])
+        metrics[f"{name}_r1"] = (r1_all[-2] + r1_all[-1]) / 2
+        if name == "tactile_vision":
+            metrics.update(tvl_metrics(sim))
+        elif name == "tactile_text" and text_global is not None:
+            metrics.update(tvl_metrics(sim, text_global))
+    metrics["mean_r1"] = sum(r1_all) / len(r1_all)
+    return metrics, sims
+
+
+def evaluate(model, loader, args):
+    """Cross-modal retrieval over the whole split (docs/reference.md, section 6), for Stage 2 and, on the same
+    samples and captions, for Stage 1's own global embeddings (the baseline TVL reports).
+
+    Returns (metrics, artifacts). metrics: Stage 2's retrieval_metrics plus the prefix curve <a>_<b>_prefix<k>_r1
+    (Recall@1 from the first k overlapping tokens) and num_samples, each key prefixed with the split
+    ("val_mean_r1" selects the best checkpoint). artifacts: {"stage2": metrics without the prefix, "stage1": Stage
+    1's retrieval_metrics, "sim": {pair: (N, N)}, "prefix": {pair: [R@1 at k = 1..K_o]}}.
+    """
+    emb = compute_embeddings(model, loader, args)
+    regs, glob, k_o = emb["registers"], emb["global"], args.num_overlapping_tokens
+    text = glob.get("text")
+    stage2, sims = retrieval_metrics({m: pooled(r, k_o) for m, r in regs.items()}, text)
+    stage1, _ = retrieval_metrics({m: F.normalize(g, dim=-1) for m, g in glob.items() if m in regs}, text)
+    prefixes = {}
     for a, b in modality_pairs(regs):
         name = pair_name(a, b)
-        sim = z[a] @ z[b].T  # (N, N): row i = query a_i, column j = gallery b_j; ground truth on the diagonal
-        sims[name] = sim
-        pair_r1 = []
-        for q, g, s in ((a, b, sim), (b, a, sim.T)):
-            tag = f"val_{name}_{q}2{g}"  # full names: tactile and text share a first letter
-            rec = recall_at_k(s, ks=(1, 5))
-            metrics[f"{tag}_r1"], metrics[f"{tag}_r5"] = rec[1], rec[5]
-            if text_global is not None:
-                metrics[f"{tag}_text_acc"] = text_threshold_accuracy(s, text_global, args.text_threshold)
-            pair_r1.append(rec[1])
-        metrics[f"val_{name}_r1"] = sum(pair_r1) / 2
-        r1_all += pair_r1
         curves = prefix_curve(regs[a], regs[b], k_o)  # {"a2b": [R@1 at k = 1..K_o], "b2a": [...]}
         prefixes[name] = [(x + y) / 2 for x, y in zip(curves["a2b"], curves["b2a"])]
-        for k, v in enumerate(prefixes[name], start=1):
-            metrics[f"val_{name}_prefix{k}_r1"] = v
-    metrics["val_mean_r1"] = sum(r1_all) / len(r1_all)
-    metrics["val_num_samples"] = float(len(next(iter(regs.values()))))
-    return metrics, {"sim": sims, "prefix": prefixes}
+        stage2.update({f"{name}_prefix{k}_r1": v for k, v in enumerate(prefixes[name], start=1)})
+    stage2["num_samples"] = float(len(emb["index"]))
+    metrics = {f"{args.eval_split}_{k}": v for k, v in stage2.items()}
+    return metrics, {"stage2": stage2, "stage1": stage1, "sim": sims, "prefix": prefixes}
 
 
 def log_eval(writer, metrics, artifacts, step):
-    """Scalars, the prefix curve as a plot, and an affinity-matrix image per pair (rank 0 only)."""
+    """Scalars (val_mean_r1 -> val/mean_r1), the prefix curve and an affinity picture per pair (rank 0 only)."""
     if writer is None:
         return
     for k, v in metrics.items():
-        writer.add_scalar(k.replace("val_", "val/", 1), v, step)
+        writer.add_scalar("/".join(k.split("_", 1)), v, step)
+    split = next(iter(metrics)).split("_", 1)[0]
     for name, sim in artifacts["sim"].items():
-        n = min(sim.shape[0], 256)  # the top-left block is enough to see the diagonal
-        s = sim[:n, :n]
-        s = (s - s.min()) / (s.max() - s.min() + 1e-8)
-        writer.add_image(f"affinity/{name}", s.unsqueeze(0), step)
-    writer.add_figure("val/prefix_curve", prefix_figure(artifacts["prefix"]), step)
+        writer.add_figure(f"affinity/{name}", affinity_figure(name, sim), step)
+    writer.add_figure(f"{split}/prefix_curve", prefix_figure(artifacts["prefix"]), step)
 
 
-def prefix_figure(prefixes):
+def log_baseline(writer, stage1_metrics, split):
+    """Stage 1's own numbers on the evaluation split, once per run (constant): baseline_stage1/<split>_<metric>."""
+    if writer is not None:
+        for k, v in stage1_metrics.items():
+            writer.add_scalar(f"baseline_stage1/{split}_{k}", v, 0)
+
+
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 3))
+    return plt
+
+
+def affinity_figure(name, sim, max_n=256):
+    """The top-left (n, n) block of a similarity matrix (row = query, column = gallery, pairs on the diagonal),
+    one block per sample (no smoothing), with a colour scale and the diagonal's mean beside the off-diagonal's."""
+    n = min(sim.shape[0], max_n)
+    s = sim[:n, :n].float()
+    diag = s.diagonal().mean().item()
+    off = (s.sum() - s.diagonal().sum()).item() / max(n * n - n, 1)
+    fig, ax = pyplot().subplots(figsize=(4.5, 4), dpi=100)  # 450 x 400 px whatever n is
+    im = ax.imshow(s.numpy(), interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    ax.set_title(f"{name} (first {n}): diagonal {diag:.3f}, off-diagonal {off:.3f}", fontsize=8)
+    ax.set_xlabel("gallery")
+    ax.set_ylabel("query")
+    fig.tight_layout()
+    return fig
+
+
+def prefix_figure(prefixes):
+    fig, ax = pyplot().subplots(figsize=(4, 3))
     for name, curve in prefixes.items():
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
     ax.set_xlabel("overlapping tokens kept (prefix k)")

@@ -136,13 +136,35 @@ def recall_at_k(sim, ks=(1, 5)):
     return {k: 100.0 * topk_hits(sim, k).float().mean().item() for k in ks}
 
 
-def text_threshold_accuracy(sim, text_emb, threshold=0.9):
-    """TVL text accuracy in %: a hit when the top-1 retrieved item's caption embedding (Stage 1 text, (N, E),
-    index-aligned with queries and gallery) has cosine > threshold with the true caption's."""
+TVL_TEXT_THRESHOLDS = (0.6356450319, 0.859, 0.893, 0.921)  # 0.6356... is TVL's published "@0.64"
+
+
+def top1_hit_rate(sim, positive):
+    """sim (Nq, Ng), positive bool (Nq, Ng) -> (Nq,) probability that the top-1 gallery item is a positive when
+    ties at the top are broken at random (equal to TVL's torch.topk accuracy whenever the top is unique)."""
+    top = sim == sim.max(dim=1, keepdim=True).values
+    return (top & positive).sum(dim=1) / top.sum(dim=1)
+
+
+def tvl_accuracy(sim, positive):
+    """TVL's top-1 accuracy in %, averaged over the two directions (rows -> columns and columns -> rows) as
+    TVL's loss.py get_acc_from_affinity does. sim (N, N) with sample i's pair on the diagonal; positive bool
+    (N, N), symmetric: which retrievals count as hits."""
+    rows, cols = top1_hit_rate(sim, positive), top1_hit_rate(sim.T, positive.T)
+    return 100.0 * (rows.float().mean() + cols.float().mean()).item() / 2
+
+
+def tvl_metrics(sim, text_emb=None):
+    """TVL's published protocol on one pair's (N, N) similarity matrix (whole split).
+
+    Without text: {"touch_vision_acc"}: exact top-1 match. With text_emb (N, E), the Stage 1 (CLIP) text
+    embeddings of the split's captions: {"touch_language_acc@T"} for T in TVL_TEXT_THRESHOLDS, a hit when the
+    retrieved caption's embedding has cosine > T with the true caption's (repeated captions count as hits)."""
+    if text_emb is None:
+        return {"touch_vision_acc": tvl_accuracy(sim, torch.eye(*sim.shape, dtype=torch.bool, device=sim.device))}
     text = F.normalize(text_emb.float(), dim=-1)
-    top1 = sim.argmax(dim=1)  # (Nq,)
-    cos = (text[top1] * text[: sim.shape[0]]).sum(-1)
-    return 100.0 * (cos > threshold).float().mean().item()
+    cos = text @ text.T
+    return {f"touch_language_acc@{t:.4f}": tvl_accuracy(sim, cos > t) for t in TVL_TEXT_THRESHOLDS}
 
 
 def prefix_curve(reg_a, reg_b, num_overlapping):

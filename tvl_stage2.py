@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from loss_stage2 import masked_mean
 
+MAX_LOG_SCALE = math.log(100)  # the logit scale never exceeds 100 (CLIP's bound)
+
 
 def nested_dropout_mask(batch_size, num_tokens, rate, generator=None, device=None):
     """Keep mask (B, K), True = kept; every row is a prefix of length L in 1..K.
@@ -118,6 +120,11 @@ class RegisterModule(nn.Module):
         if self.residual is not None:
             self.residual.apply(self._init_weights)
 
+    @torch.no_grad()
+    def clamp_logit_scale(self):
+        """t = log(scale) clamped in place to [0, log 100] (as OpenCLIP does after each optimizer step)."""
+        self.logit_scale.clamp_(0, MAX_LOG_SCALE)
+
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):  # MAE-style init
@@ -152,7 +159,9 @@ class RegisterModule(nn.Module):
         if keep is None:
             keep = self.keep_mask(next(iter(tokens.values())).shape[0], generator)
         registers = {m: self.encode(m, feats, padding_mask.get(m)) for m, feats in tokens.items()}  # (B, K, E)
-        out = {"registers": registers, "keep": keep, "logit_scale": self.logit_scale.exp().clamp(max=100.0)}
+        # No clamp here: a clamp in the forward has no gradient above the bound, which would freeze a temperature
+        # that starts there; clamp_logit_scale bounds the parameter itself after each optimizer step instead.
+        out = {"registers": registers, "keep": keep, "logit_scale": self.logit_scale.exp()}
         if self.recon is not None:
             # Dropped tokens are zeroed, so they contribute exactly nothing to the linear decoder.
             out["recon"] = {m: self.recon[m]((r * keep[..., None]).flatten(1)) for m, r in registers.items()}

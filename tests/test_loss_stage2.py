@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import ddp_loss_worker
 from conftest import free_port
-from loss_stage2 import (Stage2Loss, complementary_masks, complementary_terms, contrastive_loss, masked_mean,
-                         prefix_curve, recall_at_k, residual_term, text_threshold_accuracy)
+from loss_stage2 import (TVL_TEXT_THRESHOLDS, Stage2Loss, complementary_masks, complementary_terms, contrastive_loss,
+                         masked_mean, prefix_curve, recall_at_k, residual_term, tvl_metrics)
 from tvl_stage2 import residual_input
 
 
@@ -252,7 +252,7 @@ def test_loss_total_and_term_names():
         Stage2Loss(3, complementary_recon_weight=1.0)(out)
 
 
-def test_recall_at_k_and_text_accuracy_and_prefix_curve():
+def test_recall_at_k_and_prefix_curve():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.9, 0.7, 0.3]])
     # true ranks: 0, 1, 2 -> R@1 = 1/3, R@2 = 2/3
     r = recall_at_k(sim, ks=(1, 2))
@@ -262,9 +262,6 @@ def test_recall_at_k_and_text_accuracy_and_prefix_curve():
     # query 0's true item ties with one other item and beats the rest: R@1 = 1/2, R@2 = 1
     tied = torch.tensor([[0.5, 0.5, 0.1], [0.0, 0.9, 0.1], [0.0, 0.1, 0.9]])
     assert recall_at_k(tied, ks=(1, 2)) == {1: pytest.approx(100 * (0.5 + 1 + 1) / 3), 2: pytest.approx(100.0)}
-    # captions 0 and 1 are identical: retrieving item 0 for query 1 is a text hit
-    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    assert text_threshold_accuracy(sim, text) == pytest.approx(200 / 3)
     # prefix curve: token 0 carries no information (identical: chance), token 1 identifies the sample
     N = 5
     reg_a = torch.zeros(N, 3, N + 1)
@@ -272,6 +269,43 @@ def test_recall_at_k_and_text_accuracy_and_prefix_curve():
     reg_a[:, 1, :N] = torch.eye(N) * 5
     curve = prefix_curve(reg_a, reg_a.clone(), num_overlapping=2)
     assert curve["a2b"] == pytest.approx([100 / N, 100.0]) and curve["b2a"] == pytest.approx([100 / N, 100.0])
+
+
+def test_tvl_metrics_on_hand_built_matrices():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.9, 0.7, 0.3]])
+    # exact match, both directions: rows hit {0}; columns: col 0 ties rows 0 and 2 (1/2), col 2 -> row 2
+    assert tvl_metrics(sim) == {"touch_vision_acc": pytest.approx(100 * (1 / 3 + 1.5 / 3) / 2)}
+    # captions 0 and 1 are identical (cosine 1), caption 2 orthogonal: retrieving item 0 for query 1 is a hit;
+    # rows hit {0, 1}; columns: col 0 ties rows 0 (hit) and 2 (miss), col 1 -> row 2 miss, col 2 -> row 2 hit
+    text = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # not normalised: cosine is what counts
+    expected = pytest.approx(100 * (2 / 3 + 1.5 / 3) / 2)
+    assert tvl_metrics(sim, text) == {"touch_language_acc@0.6356": expected, "touch_language_acc@0.8590": expected,
+                                      "touch_language_acc@0.8930": expected, "touch_language_acc@0.9210": expected}
+    # a caption at cosine 0.7 with the truth is a hit at the published 0.6356 threshold only
+    text = torch.tensor([[1.0, 0.0], [0.7, 0.71414284], [0.0, 1.0]])
+    acc = tvl_metrics(torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), text)
+    # rows: query 0 -> item 1 (cos 0.7), 1 -> 1, 2 -> 2; columns: 0 ties all rows (1/3: row 0 only, or 2/3 with
+    # row 1 at 0.6356), 1 ties rows 0 and 1 (both hits at 0.6356, row 1 only above), 2 -> row 2
+    assert acc["touch_language_acc@0.6356"] == pytest.approx(100 * (1 + (2 / 3 + 1 + 1) / 3) / 2)
+    assert acc["touch_language_acc@0.8590"] == pytest.approx(100 * (2 / 3 + (1 / 3 + 1 / 2 + 1) / 3) / 2)
+
+
+def test_tvl_metrics_equal_tvl_topk_accuracy_without_ties():
+    """An independent transcription of TVL's get_acc_from_affinity (torch.topk masks, both directions)."""
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(40, 40, generator=g)
+    text = F.normalize(torch.randn(40, 8, generator=g).round(), dim=-1)  # rounded: some captions coincide
+    cos = text @ text.T
+
+    def tvl_acc1(affinity, positive):
+        top1 = torch.zeros_like(affinity, dtype=torch.bool).scatter_(1, affinity.topk(1, dim=1)[1], True)
+        top1_t = torch.zeros_like(affinity, dtype=torch.bool).scatter_(1, affinity.T.topk(1, dim=1)[1], True)
+        return 100 * ((top1 & positive).any(1).float().mean() + (top1_t & positive).any(1).float().mean()) / 2
+
+    assert tvl_metrics(sim)["touch_vision_acc"] == pytest.approx(tvl_acc1(sim, torch.eye(40, dtype=torch.bool)).item())
+    acc = tvl_metrics(sim, text)
+    for t in TVL_TEXT_THRESHOLDS:
+        assert acc[f"touch_language_acc@{t:.4f}"] == pytest.approx(tvl_acc1(sim, cos > t).item())
 
 
 @pytest.mark.slow

@@ -128,10 +128,9 @@ def test_padded_context_positions_do_not_change_outputs():
         assert module(tokens, {"text": torch.ones(3, 9, dtype=torch.bool)})["registers"]["text"].isfinite().all()
 
 
-def test_logit_scale_init_and_clamp_and_argument_checks():
+def test_logit_scale_init_and_argument_checks():
     assert torch.isclose(_module()(_tokens())["logit_scale"], torch.tensor(1 / 0.07))
     assert torch.isclose(_module(logit_scale_init=math.log(20.0))(_tokens())["logit_scale"], torch.tensor(20.0))
-    assert _module(logit_scale_init=math.log(500.0))(_tokens())["logit_scale"].item() == 100.0
     with pytest.raises(ValueError, match="num_overlapping"):
         _module(num_overlapping=5)
 
@@ -163,3 +162,27 @@ def test_wrapper_trains_only_the_register_module(tiny_stage1):
     for m in s1.feature_dims:
         assert torch.allclose(cached["registers"][m], out["registers"][m], atol=1e-6)
         assert torch.equal(cached["global"][m], out["global"][m])
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_logit_scale_learns_from_above_the_bound_and_never_exceeds_it(direction):
+    """Starting just below log 100, AdamW + clamp_logit_scale after every step (what the engine does): a loss that
+    wants a larger scale keeps t at exactly log 100 (never above), one that wants a smaller scale moves it down.
+    A clamp inside the forward would give no gradient at all once t passed the bound."""
+    module = _module(logit_scale_init=math.log(100) - 1e-4)
+    opt = torch.optim.AdamW([module.logit_scale], lr=0.01, weight_decay=0.0)
+    seen = []
+    for _ in range(5):
+        loss = -direction * module(_tokens())["logit_scale"]  # direction 1: larger is better
+        loss.backward()
+        assert module.logit_scale.grad.abs() > 0  # the gradient flows, also at or above the bound
+        opt.step()
+        opt.zero_grad()
+        module.clamp_logit_scale()
+        seen.append(module.logit_scale.item())
+    bound = torch.tensor(math.log(100)).item()  # log 100 as the float32 parameter holds it
+    if direction > 0:
+        assert seen == [bound] * 5
+    else:
+        assert seen[-1] < bound - 0.04 and seen == sorted(seen, reverse=True)
+    assert max(seen) <= bound
