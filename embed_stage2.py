@@ -21,9 +21,9 @@ import torch
 import util.dist as dist
 from data_stage2 import DataError
 from engine_stage2 import compute_embeddings, pooled
-from main_train_stage2 import build_model, build_split, load_resume, make_loader
+from main_train_stage2 import build_model, build_split, make_loader
 from stage1 import Stage1Error, build_stage1
-from util.checkpoint import CheckpointError, load_torch_file
+from util.checkpoint import CheckpointError, RunFiles, load_torch_file
 from util.misc import to_device
 
 
@@ -41,7 +41,7 @@ def load_stage2(checkpoint, device="cpu", **overrides):
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names)
     model = build_model(args, stage1)
-    load_resume(checkpoint, model, None, None, stage1.fingerprint)
+    RunFiles(args, model, None, None, stage1.fingerprint).load(checkpoint)  # refuses another Stage 1 or shape
     return model.to(args.device_obj).eval(), args
 
 

@@ -48,7 +48,6 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_pe
     model.train()
     device, rank = args.device_obj, dist.get_rank()
     registers = model.registers
-    params = [p for p in registers.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)  # nested dropout draws, reseeded from (seed, step, rank) each micro-step
     means = RunningMeans(device, state.means)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -75,7 +74,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_pe
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), micro_step, first_bad)
 
         if boundary:
-            grad_norm = optimizer_step(optimizer, scaler, params, args.clip_grad)
+            grad_norm = optimizer_step(optimizer, scaler, model.unwrapped_registers, args.clip_grad)
             state.global_step += 1
         means.add(dict(terms, grad_norm=grad_norm.detach().float()))
         state.next_step = i + 1
@@ -100,13 +99,16 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_pe
     return means.epoch_means(), "done"
 
 
-def optimizer_step(optimizer, scaler, params, clip_grad):
-    """Unscale, clip (or only measure) the gradient norm, step, zero the gradients; returns the norm (on device)."""
+def optimizer_step(optimizer, scaler, registers, clip_grad):
+    """Unscale, clip (or only measure) the gradient norm, step, zero the gradients, clamp the logit scale in place
+    (as OpenCLIP does); returns the norm (on device)."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in registers.parameters() if p.requires_grad],
+                                               clip_grad or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    registers.clamp_logit_scale()
     return grad_norm
 
 

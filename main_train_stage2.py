@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import util.dist as dist
 from data_stage2 import (BadSamples, DataError, GuardedLoader, add_data_args, build_dataset, check_data,
                          resolve_recipe)
-from engine_stage2 import NonFiniteLoss, evaluate, log_eval, train_one_epoch
+from engine_stage2 import NonFiniteLoss, evaluate, log_baseline, log_eval, train_one_epoch
 from feature_cache import build_cached_dataset
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
@@ -79,7 +79,11 @@ def get_args_parser():
     g.add_argument("--seed", default=0, type=int, help="base seed; each rank adds its rank")
     g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth "
                                                 "if present)")
-    g.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
+    g.add_argument("--eval_only", action="store_true",
+                   help="evaluate the --resume checkpoint and exit (writes eval_<split>.json, Stage 1 beside Stage 2)")
+    g.add_argument("--eval_split", default="val", choices=["val", "test"],
+                   help="split of the periodic evaluation and --eval_only; test (each subset's test.csv) is the "
+                        "only split that never overlaps Stage 1's training data, val selects checkpoints")
     dist.add_device_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the register module")
     g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint-<epoch>.pth every N epochs (0: off)")
@@ -109,8 +113,9 @@ def get_args_parser():
     g.add_argument("--embed_dim", default=None, type=positive_int, help="output dim E (default: Stage 1 joint dim)")
     g.add_argument("--nested_dropout_rate", default=0.5, type=rate_in_unit_interval,
                    help="final nested dropout rate r in [0, 1): P(token k dropped) = r k / (K-1)")
-    g.add_argument("--nested_dropout_ramp_epochs", default=None, type=float,
-                   help="epochs of the linear 0 -> rate ramp (default: all epochs)")
+    g.add_argument("--nested_dropout_ramp_epochs", default=0.0, type=non_negative_float,
+                   help="optional linear ramp of the rate from 0 over this many epochs of training time (0: the "
+                        "full --nested_dropout_rate from the first step)")
     g.add_argument("--complementary_reg_weight", default=0.01, type=non_negative_float,
                    help="weight of the complementary L2 + diversity terms")
     g.add_argument("--complementary_recon_weight", default=0.0, type=non_negative_float,
@@ -123,9 +128,6 @@ def get_args_parser():
                    help="weight of the residual term: decode the Stage 1 global embedding from the stop-gradient "
                         "overlapping embedding + the complementary token, so only the latter can add what the "
                         "former lacks (0: off)")
-    g.add_argument("--text_threshold", default=0.9, type=float,
-                   help="TVL text accuracy: a hit when the retrieved caption's Stage 1 text embedding has cosine "
-                        "above this with the true caption's")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", default=64, type=positive_int, help="per-GPU batch size")
@@ -164,8 +166,6 @@ def parse_args(argv=None):
     elif args.stage1_checkpoint is None and not args.check_data:  # with --feature_cache too (fingerprint)
         parser.error("--stage1_checkpoint is required (or use --demo)")
     dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
-    if args.nested_dropout_ramp_epochs is None:
-        args.nested_dropout_ramp_epochs = float(args.epochs)
     args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
 
@@ -261,7 +261,8 @@ def build_criterion(args):
 
 def print_metrics(title, metrics, args):
     if dist.is_main():
-        print(title + "  " + "  ".join(f"{k[4:]}={metrics[k]:.2f}" for k in headline_keys(args)), flush=True)
+        start = len(args.eval_split) + 1
+        print(title + "  " + "  ".join(f"{k[start:]}={metrics[k]:.2f}" for k in headline_keys(args)), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -301,14 +302,36 @@ def setup(args):
     seed_everything(args.seed + rank)
 
 
-def eval_only(model, val_loader, args, files, state):
-    """--eval_only: metrics printed, appended to log.txt and TensorBoard; no checkpoint is written."""
-    metrics, artifacts = evaluate(model, val_loader, args)
-    print_metrics(f"eval ({files.resume_path})", metrics, args)
+def eval_only(model, eval_loader, args, files, state):
+    """--eval_only: Stage 2 and Stage 1 side by side, printed and written to eval_<split>.json; the Stage 2 metrics
+    also to log.txt and TensorBoard. No checkpoint is written."""
+    metrics, artifacts = evaluate(model, eval_loader, args)
     files.log({"epoch": state.epoch, "eval_only": True, "checkpoint": files.resume_path, **metrics})
     log_eval(files.open_writer(None), metrics, artifacts, state.global_step)
     files.close()
+    report = {"split": args.eval_split, "n": int(artifacts["stage2"]["num_samples"]), "captions": args.eval_captions,
+              "checkpoint": files.resume_path, "stage2": artifacts["stage2"], "stage1": artifacts["stage1"]}
+    if dist.is_main():
+        files.write_json(f"eval_{args.eval_split}.json", report)
+        print(side_by_side(report))
     return metrics
+
+
+def side_by_side(report):
+    """The eval_<split>.json numbers as a table: every metric Stage 1 has, with Stage 2 beside it."""
+    rows = [f"{report['split']} split, {report['n']} samples, {report['captions']} captions",
+            f"{'metric':<44}{'stage1':>10}{'stage2':>10}"]
+    rows += [f"{k:<44}{v:>10.2f}{report['stage2'][k]:>10.2f}" for k, v in report["stage1"].items()]
+    return "\n".join(rows)
+
+
+def note_eval_split(args, stage1):
+    """Says, once, when the evaluation split overlaps what Stage 1 trained on."""
+    trained_with = getattr(stage1, "train_args", None)
+    if (dist.is_main() and args.eval_split == "val" and "hct" in args.datasets
+            and getattr(trained_with, "use_not_contact", False)):
+        print("note: Stage 1 was trained with --use_not_contact, so most HCT validation samples were in its training "
+              "split; --eval_split test gives the clean number")
 
 
 def wrap_for_training(model, args):
@@ -322,21 +345,22 @@ def wrap_for_training(model, args):
             model.registers, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def epoch_log_line(epoch, train_stats, metrics, global_step, best, seconds):
-    return {"epoch": epoch, "train_loss": train_stats.get("loss"), "global_step": global_step,
-            **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"}, **metrics,
-            "best_val_mean_r1": best, "epoch_time_s": seconds}
-
-
-def log_epoch(files, epoch, train_stats, metrics, artifacts, state, seconds):
+def log_epoch(files, args, state, train_stats, metrics, artifacts, seconds):
     """The epoch's evaluation in TensorBoard and its log.txt line, with the bad samples skipped so far
-    (train/bad_samples, train_bad_samples). Before the checkpoint: a crash in between re-runs the epoch, and the
-    resume trims the line."""
+    (train/bad_samples, train_bad_samples). The first epoch also carries Stage 1's own numbers on the same split and
+    captions (baseline_stage1), logged once: the reference line of every curve. Called before the checkpoint: a
+    crash in between re-runs the epoch, and the resume trims the line."""
     log_eval(files.writer, metrics, artifacts, state.global_step)
     if files.writer is not None:
         files.writer.add_scalar("train/bad_samples", len(state.bad_samples), state.global_step)
-    train_stats = dict(train_stats, bad_samples=len(state.bad_samples))
-    files.log(epoch_log_line(epoch, train_stats, metrics, state.global_step, state.best, seconds))
+    line = {"epoch": state.epoch, "train_loss": train_stats.get("loss"), "global_step": state.global_step,
+            **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"},
+            "train_bad_samples": len(state.bad_samples), **metrics,
+            f"best_{args.eval_split}_mean_r1": state.best, "epoch_time_s": seconds}
+    if state.epoch == 0:
+        log_baseline(files.writer, artifacts["stage1"], args.eval_split)
+        line["baseline_stage1"] = artifacts["stage1"]
+    files.log(line)
 
 
 def run(args):
@@ -359,20 +383,22 @@ def run(args):
     files = RunFiles(args, model, optimizer, scaler, stage1.fingerprint)
     state = files.resume()  # refuses a bad --resume file, or an output_dir that holds another run
     bad = BadSamples(args.max_bad_samples, state.bad_samples)  # counts into the state, so checkpoints hold it
-    val_loader = make_loader(build_split(args, "val", stage1), args, train=False, bad=bad)
+    eval_loader = make_loader(build_split(args, args.eval_split, stage1), args, train=False, bad=bad)
     if args.eval_only:
-        return eval_only(model, val_loader, args, files, state)
+        return eval_only(model, eval_loader, args, files, state)
     train_loader, steps_per_epoch = make_train_loader(args, stage1, bad)
     files.continue_at(state, steps_per_epoch)
     wrap_for_training(model, args)
     if dist.is_main():
-        print(f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val samples, {args.world_size} rank(s) "
-              f"on {args.device_obj}, {steps_per_epoch} steps/epoch, lr {args.lr:.3g}, precision {args.precision}")
+        print(f"{len(train_loader.dataset)} train / {len(eval_loader.dataset)} {args.eval_split} samples, "
+              f"{args.world_size} rank(s) on {args.device_obj}, {steps_per_epoch} steps/epoch, lr {args.lr:.3g}, "
+              f"precision {args.precision}")
+    note_eval_split(args, stage1)
     files.start(state)
 
     before = after = None
     if args.demo and not files.resume_path:
-        before, _ = evaluate(model, val_loader, args)
+        before, _ = evaluate(model, eval_loader, args)
         print_metrics("before training:", before, args)
     for epoch in range(state.epoch, args.epochs):
         t0 = time.time()
@@ -381,10 +407,10 @@ def run(args):
                                               steps_per_epoch, args, files.writer, files.save, stop)
         if status == "stopped":
             raise files.preempted(stop.signum, state)
-        after, artifacts = evaluate(model, val_loader, args)
+        after, artifacts = evaluate(model, eval_loader, args)
         print_metrics(f"epoch {epoch}:", after, args)
-        is_best = state.update_best(after["val_mean_r1"])
-        log_epoch(files, epoch, train_stats, after, artifacts, state, time.time() - t0)
+        is_best = state.update_best(after[f"{args.eval_split}_mean_r1"])
+        log_epoch(files, args, state, train_stats, after, artifacts, time.time() - t0)
         files.save_epoch_end(state, is_best)
         if epoch + 1 < args.epochs and dist.any_rank(stop()):  # signalled in the epoch's last step or its eval
             raise files.preempted(stop.signum, state)

@@ -64,6 +64,7 @@ def print_demo_summary(before, after, args):
     for k in headline_keys(args):
         b = before.get(k, float("nan")) if before else float("nan")
         print(f"{k:<32}{b:>10.2f}{after[k]:>10.2f}")
-    chance = 100.0 / after["val_num_samples"]
-    b = before["val_mean_r1"] if before else float("nan")
-    print(f"demo: val_mean_r1 before={b:.2f} after={after['val_mean_r1']:.2f} chance={chance:.2f}", flush=True)
+    split = args.eval_split
+    chance = 100.0 / after[f"{split}_num_samples"]
+    b = before[f"{split}_mean_r1"] if before else float("nan")
+    print(f"demo: {split}_mean_r1 before={b:.2f} after={after[f'{split}_mean_r1']:.2f} chance={chance:.2f}", flush=True)

@@ -227,8 +227,9 @@ class RunFiles:
             raise CheckpointError(f"{path}: model shape does not match the flags ({mismatch}); resume with the flags "
                                   f"of that run (see its args)")
         module.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.optimizer is not None:  # None: weights only (embed_stage2.load_stage2)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
         return ckpt
 
     def continue_at(self, state, steps_per_epoch):
@@ -250,8 +251,7 @@ class RunFiles:
         if dist.is_main():
             os.makedirs(self.args.output_dir, exist_ok=True)
             remove_stale_temp_files(self.args.output_dir)
-            with open(self.path("args.json"), "w") as f:
-                json.dump(self.saved_args(), f, indent=2, default=str)
+            self.write_json("args.json", self.saved_args())
             self.trim_log(state.epoch)
         self.open_writer(state.global_step + 1 if self.resume_path else 0)
 
@@ -265,6 +265,10 @@ class RunFiles:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+    def write_json(self, name, obj):
+        """output_dir/<name>, written atomically (rank 0 calls it)."""
+        atomic_write(self.path(name), lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
     def saved_args(self):
         return {k: v for k, v in vars(self.args).items() if k != "device_obj"}

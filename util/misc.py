@@ -23,8 +23,10 @@ def pair_name(a, b):
 
 
 def headline_keys(args):
-    """val_mean_r1, then each pair's mean Recall@1: the numbers a person reads first."""
-    return ["val_mean_r1"] + [f"val_{pair_name(a, b)}_r1" for a, b in modality_pairs(args.active_modality_names)]
+    """<split>_mean_r1 (the evaluation split's, e.g. val_mean_r1), then each pair's mean Recall@1: the numbers a person
+    reads first."""
+    pairs = [pair_name(a, b) for a, b in modality_pairs(args.active_modality_names)]
+    return [f"{args.eval_split}_{name}" for name in ["mean_r1"] + [f"{p}_r1" for p in pairs]]
 
 
 def autocast(device, precision):
