@@ -96,6 +96,23 @@ def test_torchrun_two_processes_tensorboard_holds_scalars_and_images(ddp_run):
 
 
 @pytest.mark.slow
+def test_the_stage1_baseline_is_logged_once_and_affinity_pictures_are_readable(ddp_run):
+    out, _ = ddp_run
+    log = read_log(out)
+    baseline = log[0]["baseline_stage1"]  # the first line carries Stage 1's own numbers on the same split
+    assert {"mean_r1", "touch_vision_acc", "touch_language_acc@0.6356", "tactile_vision_r1"} <= set(baseline)
+    assert all("baseline_stage1" not in line for line in log[1:])
+    ea = read_tensorboard(out)
+    tags = set(ea.Tags()["scalars"])
+    assert {f"baseline_stage1/val_{k}" for k in baseline} <= tags
+    assert [e.step for e in ea.Scalars("baseline_stage1/val_mean_r1")] == [0]
+    assert {"val/touch_vision_acc", "val/touch_language_acc@0.6356"} <= tags
+    for p in PAIRS:  # one block per sample would be 9 x 9 pixels here: drawn at a readable size
+        image = ea.Images(f"affinity/{p}")[-1]
+        assert image.width >= 256 and image.height >= 256
+
+
+@pytest.mark.slow
 def test_resume_auto_after_a_finished_epoch_matches_the_uninterrupted_run(ddp_run, tiny_stage1_files,
                                                                           synthetic_tvl, tmp_path):
     """Restart from the end of epoch 0 (as a crash right after it would leave output_dir) and finish under
