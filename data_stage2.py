@@ -80,6 +80,7 @@ VISION_GRAYSCALE_P = 0.2
 VISION_BLUR = dict(p=0.5, kernel=9, sigma=(0.5, 1.0))
 TACTILE_JITTER = dict(p=0.8, brightness=(0.9, 1.1), contrast=(0.9, 1.1), saturation=(0.8, 1.2), hue=(-0.05, 0.05))
 STREAMS = {"vision": 0, "tactile": 1, "text": 2}  # one independent random stream per modality
+EVAL_CAPTION_SEED = 0  # evaluation captions depend on the sample alone, never on the run's --seed
 
 
 class DataError(ValueError):
@@ -92,6 +93,10 @@ def add_data_args(parser):
     g.add_argument("--datasets", nargs="+", choices=SUBSETS, default=list(SUBSETS))
     g.add_argument("--no_augment", action="store_true",
                    help="deterministic training inputs: no image augmentation, all adjectives in order")
+    g.add_argument("--eval_captions", default="random", choices=["random", "full"],
+                   help="val/test captions: a random non-empty subset of each sample's adjectives as TVL's test "
+                        "evaluation draws them (seeded per sample, so every evaluation and the Stage 1 baseline see "
+                        "the same ones), or all adjectives in order")
     g.add_argument("--num_workers", type=int, default=4)
     g = parser.add_argument_group(
         "data recipe", "Default: Stage 1's own, read from the args stored in --stage1_checkpoint (TVL's defaults when "
@@ -552,7 +557,7 @@ class TVLDataset(Dataset):
 
     def __init__(self, items, tokenizer, active_modalities, seed, augment, prompt=DEFAULT_PROMPT,
                  shuffle_text=False, synonyms=None, replace_bad=False, bad_files=None, subtract_background=False,
-                 color_jitter=False):
+                 color_jitter=False, random_captions=False):
         self.items = items
         self.tokenizer = tokenizer
         self.active = tuple(active_modalities)
@@ -565,10 +570,15 @@ class TVLDataset(Dataset):
         self.sample_ids = [it["id"] for it in items]
         self.captions = None
         if "text" in self.active:
-            self.captions = [make_caption(it["adjs"], prompt) if it["adjs"] else None for it in items]
+            self.captions = [make_caption(it["adjs"], prompt, self._caption_rng(i) if random_captions else None)
+                             if it["adjs"] else None for i, it in enumerate(items)]
 
     def __len__(self):
         return len(self.items)
+
+    @staticmethod
+    def _caption_rng(index):
+        return random.Random(item_seed(EVAL_CAPTION_SEED, 0, index, STREAMS["text"]))
 
     def __getitem__(self, key):
         epoch, index = epoch_and_index(key)
@@ -675,7 +685,7 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
           + (f", {len(bad)} left out for missing files or empty labels" if bad else ""))
     return TVLDataset(items, tokenizer, active_modalities, seed, augment, recipe["text_prompt"],
                       recipe["shuffle_text"], {k: v for k, v in synonyms.items() if v}, tolerate_bad, bad, subtract,
-                      recipe["color_jitter"])
+                      recipe["color_jitter"], random_captions=split != "train" and args.eval_captions == "random")
 
 
 def _ssvtp_background(args):

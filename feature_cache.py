@@ -52,8 +52,9 @@ CACHE_DATA_FLAGS = ("datasets", "tactile_background") + tuple(RECIPE_DEFAULTS)
 CACHE_VIEW_STREAM = 3  # item_seed stream of the per-epoch view choice (0..2 are the modalities' augmentation)
 
 
-def cache_data_flags(args):
+def cache_data_flags(args, split):
     flags = {**{k: getattr(args, k, None) for k in CACHE_DATA_FLAGS}, **recipe_of(args)}
+    flags["eval_captions"] = args.eval_captions if split != "train" else None  # val/test captions only
     if flags["subtract_background"] is None:
         flags["tactile_background"] = None  # unused without subtraction
     flags["datasets"] = [s for s in SUBSETS if s in args.datasets]  # the order of the flag does not matter
@@ -88,9 +89,9 @@ def check_cache_meta(meta, root, split, fingerprint, active_modalities, args, sa
     if missing:
         raise DataError(f"{where}: holds modalities {meta['active_modalities']}, not {missing} of "
                         f"--active_modality_names; rebuild it with those modalities")
-    flags = cache_data_flags(args)
-    diff = [f"--{k} {meta['data_flags'][k]!r} (cache) vs {flags[k]!r}" for k in CACHE_DATA_FLAGS
-            if meta["data_flags"].get(k) != flags[k]]
+    flags = cache_data_flags(args, split)
+    diff = [f"--{k} {meta['data_flags'].get(k)!r} (cache) vs {v!r}" for k, v in flags.items()
+            if meta["data_flags"].get(k) != v]
     if diff:
         raise DataError(f"{where}: another split or captions: {'; '.join(diff)}")
     if sample_ids is not None and sample_ids != meta["sample_ids"]:
@@ -185,7 +186,7 @@ def make_plan(args, split, stage1, plain):
     views = 1 + (args.cache_views if split == "train" else 0)
     n = len(plain)
     return {"format": CACHE_FORMAT, "split": split, "stage1_fingerprint": stage1.fingerprint,
-            "active_modalities": list(args.active_modality_names), "data_flags": cache_data_flags(args),
+            "active_modalities": list(args.active_modality_names), "data_flags": cache_data_flags(args, split),
             "seed": args.seed, "views": views, "shard_size": args.shard_size, "num_samples": n,
             "num_shards": math.ceil(n / args.shard_size), "sample_ids": plain.sample_ids, "precision": args.precision}
 

@@ -421,8 +421,6 @@ def run(args):
     return after
 
 
-
-
 def main(argv=None):
     return dist.run_entry_point(run, parse_args(argv), [
         (CheckpointWriteError, 1, "error"),  # the input was fine; the previous checkpoint.pth is intact

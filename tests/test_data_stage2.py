@@ -368,7 +368,7 @@ def test_training_caption_subsets_uniform_in_order():
 
 
 def test_dataset_captions_from_labels_and_csv(synth, tok):
-    args = make_args(synth, "--no_augment")
+    args = make_args(synth, "--no_augment", "--eval_captions", "full")  # all adjectives (default: TVL's subsets)
     ds = D.build_dataset(args, "test", tok, VTT, seed=0)
     wood = "This image gives tactile feelings of rough, hard, grainy, and warm."
     fabric = "This image gives tactile feelings of soft, and fuzzy."
@@ -382,7 +382,7 @@ def test_dataset_captions_from_labels_and_csv(synth, tok):
     assert subsets == {"ssvtp", "hct"}
     i = ds.sample_ids.index(next(s for s in ds.sample_ids if s.startswith("hct/")))
     assert torch.equal(ds[i]["text"], tok([ds.captions[i]])[0])
-    plain = D.build_dataset(make_args(synth, "--no_text_prompt"), "test", tok, VTT, seed=0)
+    plain = D.build_dataset(make_args(synth, "--no_text_prompt", "--eval_captions", "full"), "test", tok, VTT, seed=0)
     assert all(c == names[f["material"]][len("This image gives tactile feelings of "):]
                for c, f in zip(plain.captions, factors_of(synth, plain)))
 
@@ -450,3 +450,23 @@ def test_epoch_comes_with_the_key(synth, tok):
         keyed, plain = ds[key], other[same]
         assert all(torch.equal(keyed[m], plain[m]) for m in ("vision", "tactile", "text"))
     assert not torch.equal(ds[(0, 5)]["vision"], ds[(4, 5)]["vision"])
+
+
+def test_evaluation_captions_are_seeded_random_subsets_unless_full(synth, tok):
+    """TVL's test evaluation captions a sample with a random non-empty subset of its adjectives: drawn per sample
+    from a fixed seed, so every evaluation (and the Stage 1 baseline) reads the same captions whatever --seed."""
+    full = D.build_dataset(make_args(synth, "--eval_captions", "full"), "test", tok, VTT, seed=0).captions
+    a = D.build_dataset(make_args(synth), "test", tok, VTT, seed=0)
+    b = D.build_dataset(make_args(synth), "test", tok, VTT, seed=7)
+    assert a.captions == b.captions
+    assert [D.make_caption(it["adjs"], a.prompt) for it in a.items] == full  # full: all adjectives, in order
+    differ = 0
+    for cap, it in zip(a.captions, a.items):
+        words = cap[len(a.prompt):-1].replace(", and ", ", ").split(", ")
+        assert words and set(words) <= set(it["adjs"]), (cap, it["adjs"])
+        assert words == [w for w in it["adjs"] if w in words]  # a subset, in the original order
+        differ += words != list(it["adjs"])
+    assert differ > len(a.captions) // 4  # really subsets, not the full lists
+    assert torch.equal(a[0]["text"], tok([a.captions[0]])[0])  # what the text encoder receives
+    train = D.build_dataset(make_args(synth, "--no_augment"), "train", tok, VTT, seed=0)
+    assert train.captions == [D.make_caption(it["adjs"], train.prompt) for it in train.items]

@@ -132,7 +132,7 @@ def test_built_stage1_exposes_its_stored_args(tiny_stage1):
 def test_cache_fingerprint_holds_the_recipe():
     base = data_args("--datasets_dir", "d")
     D.resolve_recipe(base, stage1_stub())
-    flags = FC.cache_data_flags(base)
+    flags = FC.cache_data_flags(base, "train")
     assert {k: flags[k] for k in ("text_prompt", "subtract_background", "replace_synonyms", "shuffle_text")} == \
         {"text_prompt": "", "subtract_background": None, "replace_synonyms": True, "shuffle_text": True}
     for change in (dict(no_text_prompt=False), dict(subtract_background="background"), dict(replace_synonyms=False),
@@ -140,7 +140,7 @@ def test_cache_fingerprint_holds_the_recipe():
                    dict(color_jitter=True)):
         other = data_args("--datasets_dir", "d", "--tactile_background", "bg.png")
         D.resolve_recipe(other, stage1_stub(**change))
-        assert FC.cache_data_flags(other) != flags, change
+        assert FC.cache_data_flags(other, "train") != flags, change
 
 
 # ----------------------------------------------------------------------------- background subtraction
