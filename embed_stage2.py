@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import util.dist as dist
-from data_stage2 import DataError
+from data_stage2 import BadSamples, DataError
 from engine_stage2 import compute_embeddings, pooled
 from main_train_stage2 import build_model, build_split, make_loader
 from stage1 import Stage1Error, build_stage1
@@ -61,7 +61,8 @@ def embed_split(model, args, split, k=None):
     computed exactly as the evaluation computes them (rank-gathered under torchrun, dataset order)."""
     k = k or args.num_overlapping_tokens
     dataset = build_split(args, split, model.stage1)
-    emb = compute_embeddings(model, make_loader(dataset, args, train=False), args)
+    loader = make_loader(dataset, args, train=False, bad=BadSamples(args.max_bad_samples))
+    emb = compute_embeddings(model, loader, args)
     return {"index": emb["index"], "sample_ids": [dataset.sample_ids[i] for i in emb["index"].tolist()],
             "embedding": {m: pooled(r, k) for m, r in emb["registers"].items()}, "registers": emb["registers"]}
 

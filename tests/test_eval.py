@@ -25,17 +25,18 @@ def run(argv, nproc=1, script=MAIN):
 
 @pytest.fixture(scope="module")
 def trained(tiny_stage1_files, synthetic_tvl, tmp_path_factory):
-    """One epoch on the synthetic data; returns its output_dir."""
+    """One epoch on the synthetic data; returns (its output_dir, the flags of that run's data, Stage 1 and model)."""
     out = tmp_path_factory.mktemp("trained")
-    run(stage1_flags(tiny_stage1_files) + [
-        "--datasets_dir", synthetic_tvl, "--device", "cpu", "--output_dir", str(out), "--epochs", "1",
-        "--batch_size", "8", *TINY_REGISTERS, "--num_workers", "0", "--warmup_epochs", "1", "--lr", "1e-3"])
-    return str(out)
+    flags = stage1_flags(tiny_stage1_files) + ["--datasets_dir", synthetic_tvl, "--device", "cpu", "--batch_size",
+                                               "8", *TINY_REGISTERS, "--num_workers", "0"]
+    run(flags + ["--output_dir", str(out), "--epochs", "1", "--warmup_epochs", "1", "--lr", "1e-3"])
+    return str(out), flags
 
 
 def eval_test(trained, out, nproc=1):
-    proc = run(["--eval_only", "--resume", os.path.join(trained, "checkpoint.pth"), "--eval_split", "test",
-                "--output_dir", str(out), "--device", "cpu", "--num_workers", "0"], nproc)
+    trained, flags = trained
+    proc = run(flags + ["--eval_only", "--resume", os.path.join(trained, "checkpoint.pth"), "--eval_split", "test",
+                        "--output_dir", str(out)], nproc)
     with open(os.path.join(out, "eval_test.json")) as f:
         return json.load(f), proc.stdout
 
@@ -57,7 +58,7 @@ def stage1_reference(trained, tiny_stage1):
 def test_eval_only_on_test_writes_stage2_and_a_stage1_baseline_equal_to_frozen_stage1(trained, tiny_stage1,
                                                                                       tmp_path):
     report, stdout = eval_test(trained, tmp_path / "eval1")
-    expected, n = stage1_reference(trained, tiny_stage1)
+    expected, n = stage1_reference(trained[0], tiny_stage1)
     assert report["split"] == "test" and report["n"] == n and report["captions"] == "random"
     assert set(report["stage1"]) == set(expected)
     for k, v in expected.items():
@@ -83,10 +84,11 @@ def test_embedding_npz_equals_the_models_forward_on_the_same_samples(trained, tm
     from embed_stage2 import embed, load_stage2
     from data_stage2 import build_dataset
     out = tmp_path / "test.npz"
-    run(["--checkpoint", os.path.join(trained, "checkpoint.pth"), "--split", "test", "--k", "2", "--output",
-         str(out), "--device", "cpu"], script=os.path.join(ROOT, "embed_stage2.py"))
+    ckpt = os.path.join(trained[0], "checkpoint.pth")
+    run(["--checkpoint", ckpt, "--split", "test", "--k", "2", "--output", str(out), "--device", "cpu"],
+        script=os.path.join(ROOT, "embed_stage2.py"))
     npz = np.load(out)
-    model, args = load_stage2(os.path.join(trained, "checkpoint.pth"))
+    model, args = load_stage2(ckpt)
     ds = build_dataset(args, "test", model.stage1.tokenizer, args.active_modality_names, args.seed)
     assert list(npz["sample_ids"]) == ds.sample_ids and list(npz["index"]) == list(range(len(ds)))
     batch = default_collate([ds[i] for i in range(len(ds))])
