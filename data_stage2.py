@@ -1,5 +1,5 @@
 """TVL data for Stage 2: readers for SSVTP and HCT as users unpack them, the reference preprocessing and
-training augmentation, caption prompts, and tokenisation (layout: shared/TVL_DATA_FORMAT.md).
+training augmentation, caption prompts, and tokenisation (the layout, split and caption rules: docs/reference.md).
 
     ds = build_dataset(args, "train", tokenizer, active_modalities=("vision", "tactile", "text"), seed=0)
     ds[(epoch, i)] -> {"vision": float (3, 224, 224), "tactile": float (3, 224, 224), "text": long (77,), "index": i}
@@ -659,7 +659,7 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
     for subset in subsets:
         sub = os.path.join(root, subset)
         if not os.path.isdir(sub):
-            raise DataError(f"{sub}: missing (expected the {subset.upper()} subset of TVL, see TVL_DATA_FORMAT.md)")
+            raise DataError(f"{sub}: missing (expected the {subset.upper()} subset of TVL, see docs/reference.md)")
         if subset == "ssvtp":
             part = read_ssvtp(sub, split, bad)
             background = _ssvtp_background(args) if subtract else None

@@ -306,6 +306,7 @@ def eval_only(model, eval_loader, args, files, state):
     """--eval_only: Stage 2 and Stage 1 side by side, printed and written to eval_<split>.json; the Stage 2 metrics
     also to log.txt and TensorBoard. No checkpoint is written."""
     metrics, artifacts = evaluate(model, eval_loader, args)
+    print_metrics(f"eval ({files.resume_path})", metrics, args)
     files.log({"epoch": state.epoch, "eval_only": True, "checkpoint": files.resume_path, **metrics})
     log_eval(files.open_writer(None), metrics, artifacts, state.global_step)
     files.close()

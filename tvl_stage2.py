@@ -154,7 +154,9 @@ class RegisterModule(nn.Module):
         return nested_dropout_mask(batch_size, self.num_tokens, rate, generator, self.register_tokens.device)
 
     def forward(self, tokens, padding_mask=None, keep=None, generator=None):
-        """tokens {m: (B, N_m, C_m)}, padding_mask {m: bool (B, N_m)} -> dict (see CONTRACT.md)."""
+        """tokens {m: (B, N_m, C_m)}, padding_mask {m: bool (B, N_m), True = padded} -> {"registers": {m: (B, K, E)}
+        every token (dropped ones too; `keep` says which count), "keep": bool (B, K), "logit_scale": 0-d, and, with
+        their decoders, "recon" / "residual": {m: (B, E_m)} predictions of Stage 1's global embedding}."""
         padding_mask = padding_mask or {}
         if keep is None:
             keep = self.keep_mask(next(iter(tokens.values())).shape[0], generator)

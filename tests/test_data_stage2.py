@@ -150,7 +150,7 @@ def test_missing_datasets_dir_and_subset(synth, tok, tmp_path):
     root = copy_subset(synth, tmp_path, "ssvtp")
     with pytest.raises(D.DataError) as e:
         D.build_dataset(make_args(root), "train", tok, VT, seed=0)
-    assert str(e.value) == f"{root / 'hct'}: missing (expected the HCT subset of TVL, see TVL_DATA_FORMAT.md)"
+    assert str(e.value) == f"{root / 'hct'}: missing (expected the HCT subset of TVL, see docs/reference.md)"
 
 
 def test_subset_without_samples(tok, tmp_path):

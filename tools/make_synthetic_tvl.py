@@ -1,4 +1,4 @@
-"""Write a small dataset in the exact TVL layout (see TVL_DATA_FORMAT.md) from latent factors we control.
+"""Write a small dataset in the exact TVL layout (docs/reference.md) from latent factors we control.
 
 Each sample is rendered from three kinds of factors, so evaluation can ask which register tokens carry which:
 
@@ -54,7 +54,7 @@ JPEG_QUALITY = 90
 
 
 def crop_size(w, h):
-    """The reference vision crop side (TVL_DATA_FORMAT.md); data_stage2 uses the same rule."""
+    """The reference vision crop side (docs/reference.md, section 4); data_stage2 uses the same rule."""
     return int(math.ceil(math.sqrt(2) * 0.18 * max(h, w)))
 
 
