@@ -41,32 +41,20 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. resume
 
 # ----------------------------------------------------------------------------------------------------- flags
 
-def rate_in_unit_interval(value):
-    r = float(value)
-    if not 0.0 <= r < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return r
+def in_range(cast, low, below=None):
+    """An argparse type: cast(value), refused unless low <= value (< below, when given)."""
+    def parse(value):
+        v = cast(value)
+        if v < low or (below is not None and v >= below):
+            bound = f"in [{low}, {below})" if below is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return v
+    parse.__name__ = cast.__name__  # argparse names the type in its "invalid <type> value" message
+    return parse
 
 
-def positive_int(value):
-    v = int(value)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return v
-
-
-def non_negative_int(value):
-    v = int(value)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return v
-
-
-def non_negative_float(value):
-    v = float(value)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return v
+rate_in_unit_interval = in_range(float, 0, 1)
+positive_int, non_negative_int, non_negative_float = in_range(int, 1), in_range(int, 0), in_range(float, 0)
 
 
 def get_args_parser():
@@ -168,8 +156,6 @@ def parse_args(argv=None):
     dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
     args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
-
-
 
 
 # ------------------------------------------------------------------------------------------------ building
