@@ -38,8 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cache_features  # noqa: E402
 import data_stage2 as D  # noqa: E402
 import feature_cache  # noqa: E402
-from loss_stage2 import Stage2Loss  # noqa: E402
-from main_train_stage2 import build_model, get_args_parser  # noqa: E402
+from main_train_stage2 import build_criterion, build_model, get_args_parser  # noqa: E402
 from stage1 import build_stage1, create_tactile_encoder  # noqa: E402
 from tools.make_synthetic_tvl import make_synthetic_tvl  # noqa: E402
 from tools.make_tiny_stage1 import make_tiny_stage1  # noqa: E402
@@ -158,8 +157,7 @@ def run_config(config, a, device, folder):
     model = build_model(targs, stage1)  # exactly what training builds
     register = model.registers.to(device)
     register.train()
-    criterion = Stage2Loss(targs.num_overlapping_tokens, targs.complementary_reg_weight,
-                           targs.complementary_recon_weight)
+    criterion = build_criterion(targs)
     optimizer = torch.optim.AdamW(register.parameters(), lr=1e-4)
 
     ds_online = D.build_dataset(cargs, "train", stage1.tokenizer, MODALITIES, seed=0, augment=False)
