@@ -1,5 +1,24 @@
-"""Stage 2 objective (DDP-exact contrastive loss + complementary regularisation) and retrieval metrics.
+"""Stage 2 objective (DDP-exact contrastive loss + complementary terms) and retrieval metrics.
 
+Notation: registers (B, K, E) per modality, the first K_o overlapping, the rest complementary; keep (B, K) the
+nested-dropout prefix mask; shared = mean of the kept overlapping tokens (before normalisation). Total loss:
+
+    contrastive                      mean over modality pairs of the symmetric CLIP loss on normalised shared
+  + reg_weight * (l2 + diversity)    each of the two only when named in `complementary_reg_terms`:
+        l2         mean over kept complementary tokens c of |c|^2 ("sum", grows with E) or |c|^2 / E ("mean")
+        diversity  mean over kept c of cos(c, shared of its sample)^2 + mean over kept pairs of tokens of
+                   different samples of cos(c, c')^2 (shared is detached)
+  + recon_weight * recon             mean over samples of 1 - cos(decoder(all K tokens, dropped ones zeroed),
+                                     Stage 1 global embedding): the overlapping tokens can carry it alone
+  + residual_weight * residual       mean over samples with a kept complementary token of
+                                     1 - cos(decoder([stop-gradient shared, mean of kept c]), Stage 1 global
+                                     embedding): the overlapping outputs get no gradient from it (the shared
+                                     register blocks do, through c), so only the complementary tokens can
+                                     supply what shared lacks
+
+Each complementary term is the mean over modalities of the per-modality term (all logged on their own) and is
+exactly 0 (never NaN) where nothing it averages over was kept; l2 and diversity are logged even when off. The
+recon / residual decoders are per-modality linear maps in the RegisterModule, made only when their weight is > 0.
 Under DDP each rank returns a loss whose mean over ranks equals the single-process loss on the global batch,
 and whose gradient, averaged by DDP, equals the single-process gradient (gather with gradient, local rows
 against all columns, masked means normalised by global counts).
@@ -48,11 +67,13 @@ def complementary_masks(keep):
     sample = all_sample[rank * B * J:(rank + 1) * B * J]
     all_mask = all_gather_cat(mask.to(torch.uint8)).bool()  # gloo: no bool
     pairs = mask[:, None] & all_mask[None, :] & (sample[:, None] != all_sample[None, :])
-    n_kept, n_pairs = all_reduce_sum(torch.stack([mask.sum(), pairs.sum()])).clamp(min=1)
-    return {"mask": mask, "pairs": pairs, "n_kept": n_kept, "n_pairs": n_pairs}
+    samples = keep.any(dim=1)
+    n_kept, n_pairs, n_samples = all_reduce_sum(torch.stack([mask.sum(), pairs.sum(), samples.sum()])).clamp(min=1)
+    return {"mask": mask, "pairs": pairs, "samples": samples, "n_kept": n_kept, "n_pairs": n_pairs,
+            "n_samples": n_samples}
 
 
-def complementary_terms(comp, keep, shared, masks=None):
+def complementary_terms(comp, keep, shared, masks=None, l2="sum"):
     """L2 and diversity terms of one modality's complementary tokens.
 
     comp (B, J, E) un-normalised complementary tokens, keep bool (B, J), shared (B, E) pooled overlapping
@@ -60,6 +81,8 @@ def complementary_terms(comp, keep, shared, masks=None):
     term is exactly 0 when nothing is kept anywhere. `shared` is detached: the terms steer only the
     complementary tokens, the shared embedding answers to the contrastive loss alone.
     masks: complementary_masks(keep), when the caller computed it already.
+    l2: "sum" = mean squared L2 norm (grows with E: hundreds at real widths against a diversity below 2, so one
+    weight means different things at different widths); "mean" = the same divided by E (per coordinate).
     """
     masks = complementary_masks(keep) if masks is None else masks
     mask, pairs, n_kept, n_pairs = masks["mask"], masks["pairs"], masks["n_kept"], masks["n_pairs"]
@@ -72,12 +95,23 @@ def complementary_terms(comp, keep, shared, masks=None):
     sq_norm = torch.where(mask, flat.pow(2).sum(-1), zero)
     cos_shared = (unit * F.normalize(shared.detach(), dim=-1).repeat_interleave(J, dim=0)).sum(-1)
     cos_shared = torch.where(mask, cos_shared.pow(2), zero)
-    l2 = world * sq_norm.sum() / n_kept
+    l2_value = world * sq_norm.sum() / n_kept
+    if l2 == "mean":
+        l2_value = l2_value / comp.shape[-1]
     div_shared = world * cos_shared.sum() / n_kept
     # cosine between different samples' tokens: local kept rows against all kept columns of other samples
     all_unit = gather_with_grad(unit)
     div_cross = world * torch.where(pairs, (unit @ all_unit.T).pow(2), zero).sum() / n_pairs
-    return l2, div_shared + div_cross
+    return l2_value, div_shared + div_cross
+
+
+def residual_term(pred, target, masks):
+    """1 - cos(pred, target) averaged over the global batch's samples with a kept complementary token; exactly 0
+    when there is none. pred (B, E_m) the residual decoder's output, target (B, E_m) Stage 1 global embedding,
+    masks: complementary_masks of the complementary keep mask."""
+    cos = F.cosine_similarity(pred, target.to(pred.dtype), dim=-1)  # (B,)
+    miss = torch.where(masks["samples"], 1 - cos, torch.zeros_like(cos))  # where(): a dropped row adds exactly 0
+    return get_world_size() * miss.sum() / masks["n_samples"]
 
 
 def topk_hits(sim, k):
@@ -127,12 +161,25 @@ def prefix_curve(reg_a, reg_b, num_overlapping):
 
 
 class Stage2Loss(nn.Module):
-    """Contrastive loss over all modality pairs + weighted complementary regularisation (+ optional recon)."""
+    """Contrastive loss over all modality pairs + weighted complementary terms (see the module docstring).
 
-    def __init__(self, num_overlapping, complementary_reg_weight=0.0, complementary_recon_weight=0.0):
+    complementary_reg_terms: which of "l2", "diversity" enter the loss (both are logged either way);
+    complementary_l2: "sum" or "mean" (see complementary_terms); the recon / residual terms need the matching
+    RegisterModule decoders (recon_dims / residual_dims). The defaults are the original objective.
+    """
+
+    def __init__(self, num_overlapping, complementary_reg_weight=0.0, complementary_recon_weight=0.0,
+                 complementary_reg_terms=("l2", "diversity"), complementary_l2="sum",
+                 complementary_residual_weight=0.0):
         super().__init__()
+        if not set(complementary_reg_terms) <= {"l2", "diversity"}:
+            raise ValueError(f"complementary_reg_terms must be among 'l2', 'diversity', got {complementary_reg_terms}")
+        if complementary_l2 not in ("sum", "mean"):
+            raise ValueError(f"complementary_l2 must be 'sum' or 'mean', got {complementary_l2!r}")
         self.num_overlapping = num_overlapping
         self.reg_weight, self.recon_weight = complementary_reg_weight, complementary_recon_weight
+        self.reg_terms, self.l2 = tuple(complementary_reg_terms), complementary_l2
+        self.residual_weight = complementary_residual_weight
 
     def forward(self, out):
         """out: the FluxTalk dict -> (total loss, {name: detached 0-d tensor})."""
@@ -152,18 +199,19 @@ class Stage2Loss(nn.Module):
                 hits = torch.cat([topk_hits(sim, 1), topk_hits(sim.T, 1)])
             terms[f"r1_{name}"] = 100.0 * hits.float().mean()
         total = terms["contrastive"] = torch.stack(contrastive).mean()
+        masks = complementary_masks(keep[:, K_o:])
         l2, div = [], []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.reg_weight > 0):  # logged even at weight 0
-            masks = complementary_masks(keep[:, K_o:])
             for m, r in registers.items():
-                m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m], masks)
+                m_l2, m_div = complementary_terms(r[:, K_o:], keep[:, K_o:], shared[m], masks, self.l2)
                 terms[f"comp_l2_{m}"], terms[f"comp_div_{m}"] = m_l2.detach(), m_div.detach()
                 l2.append(m_l2)
                 div.append(m_div)
             l2, div = torch.stack(l2).mean(), torch.stack(div).mean()
         terms["comp_l2"], terms["comp_div"] = l2.detach(), div.detach()
         if self.reg_weight > 0:
-            total = total + self.reg_weight * (l2 + div)
+            reg = [v for t, v in (("l2", l2), ("diversity", div)) if t in self.reg_terms]  # a repeated name counts once
+            total = total + self.reg_weight * sum(reg)
         recon = total.new_zeros(())
         if self.recon_weight > 0:
             if "recon" not in out:
@@ -176,6 +224,17 @@ class Stage2Loss(nn.Module):
             recon = torch.stack(per_m).mean()
             total = total + self.recon_weight * recon
         terms["recon"] = recon.detach()
+        if self.residual_weight > 0:
+            if "residual" not in out:
+                raise ValueError("complementary_residual_weight > 0 needs RegisterModule(residual_dims=...)")
+            per_m = []
+            for m, pred in out["residual"].items():
+                loss = residual_term(pred, out["global"][m], masks)
+                terms[f"residual_{m}"] = loss.detach()
+                per_m.append(loss)
+            residual = torch.stack(per_m).mean()
+            terms["residual"] = residual.detach()
+            total = total + self.residual_weight * residual
         terms["logit_scale"] = scale.detach()
         terms["loss"] = total.detach()
         return total, terms

@@ -100,6 +100,14 @@ def get_args_parser():
                    help="weight of the complementary L2 + diversity terms")
     g.add_argument("--complementary_recon_weight", default=0.0, type=non_negative_float,
                    help="weight of the Stage 1 global-embedding reconstruction term (0: off)")
+    g.add_argument("--complementary_reg_terms", nargs="+", default=["l2", "diversity"], choices=["l2", "diversity"],
+                   help="which complementary regularisers --complementary_reg_weight applies")
+    g.add_argument("--complementary_l2", default="sum", choices=["sum", "mean"],
+                   help="complementary L2 term: squared norm (sum, grows with the width) or divided by the width")
+    g.add_argument("--complementary_residual_weight", default=0.0, type=non_negative_float,
+                   help="weight of the residual term: decode the Stage 1 global embedding from the stop-gradient "
+                        "overlapping embedding + the complementary token, so only the latter can add what the "
+                        "former lacks (0: off)")
     g.add_argument("--text_threshold", default=0.9, type=float,
                    help="TVL text accuracy: a hit when the retrieved caption's Stage 1 text embedding has cosine "
                         "above this with the true caption's")
@@ -283,13 +291,20 @@ def build_split(args, split, stage1):
 
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
+    targets = {m: stage1.embed_dim for m in args.active_modality_names}  # decoders predict Stage 1 globals
     registers = RegisterModule(
         feature_dims=stage1.feature_dims, embed_dim=embed_dim, num_tokens=args.num_register_tokens,
         num_overlapping=args.num_overlapping_tokens, width=args.register_width, depth=args.register_depth,
         num_heads=args.register_heads, mlp_ratio=args.mlp_ratio, attn_dropout=args.attn_dropout,
         logit_scale_init=stage1.logit_scale,
-        recon_dims={m: stage1.embed_dim for m in args.active_modality_names} if args.complementary_recon_weight else None)
+        recon_dims=targets if args.complementary_recon_weight else None,
+        residual_dims=targets if args.complementary_residual_weight else None)
     return FluxTalk(stage1, registers)
+
+
+def build_criterion(args):
+    return Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight, args.complementary_recon_weight,
+                      args.complementary_reg_terms, args.complementary_l2, args.complementary_residual_weight)
 
 
 # --------------------------------------------------------------------------------------------------- logging
@@ -444,8 +459,7 @@ def run(args):
     model = build_model(args, stage1)
     # From the cache Stage 1 only supplies its fingerprint, dims and tokenizer: leave it on the CPU.
     (model.registers if args.feature_cache else model).to(args.device_obj)
-    criterion = Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight,
-                           args.complementary_recon_weight)
+    criterion = build_criterion(args)
     val_loader = make_loader(build_split(args, "val", stage1), args, train=False)
     optimizer = torch.optim.AdamW(param_groups(model.registers, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))

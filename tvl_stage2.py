@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loss_stage2 import masked_mean
+
 
 def nested_dropout_mask(batch_size, num_tokens, rate, generator=None, device=None):
     """Keep mask (B, K), True = kept; every row is a prefix of length L in 1..K.
@@ -29,6 +31,16 @@ def nested_dropout_mask(batch_size, num_tokens, rate, generator=None, device=Non
     short = (1 + (u / rate * (num_tokens - 1)).floor().long()).clamp(max=num_tokens - 1)  # float rounding guard
     length = torch.where(u < rate, short, torch.full_like(short, num_tokens))  # (B,)
     return positions[None, :] < length.to(positions.device)[:, None]
+
+
+def residual_input(registers, keep, num_overlapping):
+    """(B, K, E) registers of one modality, bool (B, K) keep -> (B, 2E) input of its residual decoder:
+    [stop-gradient mean of the kept overlapping tokens (the contrastive loss's embedding, before normalisation),
+    mean of the kept complementary tokens (zeros where none is kept)]. The stop-gradient leaves the shared part
+    to the contrastive loss, so only the complementary tokens can add what it lacks."""
+    K_o = num_overlapping
+    shared = masked_mean(registers[:, :K_o], keep[:, :K_o]).detach()
+    return torch.cat([shared, masked_mean(registers[:, K_o:], keep[:, K_o:])], dim=-1)
 
 
 class Attention(nn.Module):
@@ -73,10 +85,11 @@ class Block(nn.Module):
 
 class RegisterModule(nn.Module):
     """Everything that trains: register tokens, per-modality adapters, blocks, norm + projection,
-    the log logit scale and the optional reconstruction decoders."""
+    the log logit scale and the optional recon / residual decoders."""
 
     def __init__(self, feature_dims, embed_dim, num_tokens=4, num_overlapping=3, width=256, depth=2,
-                 num_heads=4, mlp_ratio=4.0, attn_dropout=0.0, logit_scale_init=None, recon_dims=None):
+                 num_heads=4, mlp_ratio=4.0, attn_dropout=0.0, logit_scale_init=None, recon_dims=None,
+                 residual_dims=None):
         super().__init__()
         if not 1 <= num_overlapping <= num_tokens:
             raise ValueError(f"num_overlapping must be in 1..num_tokens={num_tokens}, got {num_overlapping}")
@@ -98,6 +111,12 @@ class RegisterModule(nn.Module):
             {m: nn.Linear(num_tokens * embed_dim, e) for m, e in recon_dims.items()})
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.register_tokens, std=0.02)
+        # Linear(2E -> E_m) per modality on residual_input. Made after the other initialisations so that turning
+        # it on leaves every other parameter's initial value unchanged (same seed: comparable runs).
+        self.residual = None if not residual_dims else nn.ModuleDict(
+            {m: nn.Linear(2 * embed_dim, e) for m, e in residual_dims.items()})
+        if self.residual is not None:
+            self.residual.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m):
@@ -137,6 +156,9 @@ class RegisterModule(nn.Module):
         if self.recon is not None:
             # Dropped tokens are zeroed, so they contribute exactly nothing to the linear decoder.
             out["recon"] = {m: self.recon[m]((r * keep[..., None]).flatten(1)) for m, r in registers.items()}
+        if self.residual is not None:
+            out["residual"] = {m: self.residual[m](residual_input(r, keep, self.num_overlapping))
+                               for m, r in registers.items()}
         return out
 
 

@@ -17,13 +17,15 @@ def build_case():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     module = RegisterModule(DIMS, E, num_tokens=K, num_overlapping=K_O, width=32, depth=2, num_heads=4,
-                            recon_dims={m: E for m in DIMS})
+                            recon_dims={m: E for m in DIMS}, residual_dims={m: E for m in DIMS})
     tokens = {m: torch.randn(GLOBAL_BATCH, 6, c, generator=g) for m, c in DIMS.items()}
     pad = {"text": torch.arange(6)[None, :] >= torch.randint(2, 7, (GLOBAL_BATCH, 1), generator=g)}
     glob = {m: torch.randn(GLOBAL_BATCH, E, generator=g) for m in DIMS}
-    # prefix lengths 1..K: some samples keep no complementary token, some keep 1 or 2
+    # prefix lengths 1..K: some samples keep no complementary token, some keep 1 or 2; the halves keep different
+    # numbers of samples with a complementary token (2 and 3), so a per-rank mean would differ from the global one
     keep = torch.arange(K)[None, :] < torch.tensor([4, 1, 3, 2, 4, 3, 4, 2])[:, None]
-    loss_fn = Stage2Loss(K_O, complementary_reg_weight=0.5, complementary_recon_weight=0.3)
+    loss_fn = Stage2Loss(K_O, complementary_reg_weight=0.5, complementary_recon_weight=0.3,
+                         complementary_residual_weight=0.4)
     return module, loss_fn, tokens, pad, glob, keep
 
 

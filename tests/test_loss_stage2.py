@@ -4,11 +4,13 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
 
 import ddp_loss_worker
-from loss_stage2 import (Stage2Loss, complementary_terms, contrastive_loss, masked_mean, prefix_curve,
-                         recall_at_k, text_threshold_accuracy)
+from loss_stage2 import (Stage2Loss, complementary_masks, complementary_terms, contrastive_loss, masked_mean,
+                         prefix_curve, recall_at_k, residual_term, text_threshold_accuracy)
+from tvl_stage2 import residual_input
 
 
 def _out(B=6, K=4, E=8, seed=0, keep=None):
@@ -81,7 +83,125 @@ def test_complementary_terms_match_explicit_loops():
     assert div > 0
 
 
-def test_complementary_terms_zero_when_nothing_kept_and_for_orthogonal_tokens():
+def test_mean_l2_is_the_sum_l2_divided_by_the_width():
+    g = torch.Generator().manual_seed(1)
+    comp, shared = torch.randn(6, 2, 24, generator=g), torch.randn(6, 24, generator=g)
+    keep = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [1, 0], [0, 0]], dtype=torch.bool)
+    l2_sum, div_sum = complementary_terms(comp, keep, shared)
+    l2_mean, div_mean = complementary_terms(comp, keep, shared, l2="mean")
+    assert torch.equal(l2_mean, l2_sum / 24) and torch.equal(div_mean, div_sum)
+    ref_l2, _ = _manual_terms(comp, keep, shared)
+    assert torch.allclose(l2_mean, ref_l2 / 24, atol=1e-6)
+    # through the loss: the logged L2 terms and the total follow the choice
+    out = _out(B=8, E=24, seed=2)
+    _, terms = Stage2Loss(3, 0.5)(out)
+    assert terms["comp_l2"] > 0
+    total, terms_mean = Stage2Loss(3, 0.5, complementary_l2="mean")(out)
+    for m in ("tactile", "text", "vision"):
+        assert torch.equal(terms_mean[f"comp_l2_{m}"], terms[f"comp_l2_{m}"] / 24)
+    assert torch.allclose(total, terms["contrastive"] + 0.5 * (terms_mean["comp_l2"] + terms["comp_div"]))
+
+
+@pytest.mark.parametrize("reg_terms", [("l2",), ("diversity",), ("l2", "diversity"), ("diversity", "l2", "l2")])
+def test_reg_terms_select_exactly_the_named_regularisers(reg_terms):
+    out, K_o, w = _out(B=8, seed=3), 3, 0.3
+    keep = out["keep"]
+    assert keep[:, K_o].any()
+    total, terms = Stage2Loss(K_o, w, complementary_reg_terms=reg_terms)(out)
+    total.backward()
+    grads = {m: r.grad.clone() for m, r in out["registers"].items()}
+    # reference: contrastive alone plus the named terms of complementary_terms, each counted once
+    regs = {m: r.detach().requires_grad_() for m, r in out["registers"].items()}
+    contrastive, _ = Stage2Loss(K_o, 0.0)({**out, "registers": regs})
+    per_m = []
+    for m, r in regs.items():
+        l2, div = complementary_terms(r[:, K_o:], keep[:, K_o:], masked_mean(r[:, :K_o], keep[:, :K_o]))
+        per_m.append(("l2" in reg_terms) * l2 + ("diversity" in reg_terms) * div)
+    ref = contrastive + w * torch.stack(per_m).mean()
+    ref.backward()
+    assert torch.allclose(total, ref, atol=1e-6)
+    for m, r in regs.items():
+        assert torch.allclose(grads[m], r.grad, atol=1e-6), m
+    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0  # both logged whichever is on
+    with pytest.raises(ValueError, match="complementary_reg_terms"):
+        Stage2Loss(K_o, w, complementary_reg_terms=("l1",))
+    with pytest.raises(ValueError, match="complementary_l2"):
+        Stage2Loss(K_o, w, complementary_l2="max")
+
+
+def _with_residual(out, K_o, seed=0):
+    """Adds out["residual"] from fresh per-modality Linear(2E -> E_m) decoders and Stage 1 targets out["global"]."""
+    torch.manual_seed(seed)
+    E = next(iter(out["registers"].values())).shape[-1]
+    decoders = {m: nn.Linear(2 * E, 5) for m in out["registers"]}
+    out["global"] = {m: torch.randn(out["keep"].shape[0], 5) for m in out["registers"]}
+    out["residual"] = {m: decoders[m](residual_input(r, out["keep"], K_o)) for m, r in out["registers"].items()}
+    return decoders
+
+
+def _manual_residual(out, decoders, K_o):
+    """Reference by explicit loops: mean over modalities of the mean over samples with a kept complementary
+    token of 1 - cos(decoder([mean of kept overlapping tokens, mean of kept complementary tokens]), target)."""
+    keep, per_m = out["keep"], []
+    for m, r in out["registers"].items():
+        losses = []
+        for b in range(r.shape[0]):
+            overlap = [r[b, j] for j in range(K_o) if keep[b, j]]
+            comp = [r[b, j] for j in range(K_o, r.shape[1]) if keep[b, j]]
+            if comp:
+                x = torch.cat([sum(overlap) / len(overlap), sum(comp) / len(comp)])
+                pred = decoders[m].weight @ x + decoders[m].bias
+                losses.append(1 - F.cosine_similarity(pred, out["global"][m][b], dim=0))
+        per_m.append(sum(losses) / len(losses) if losses else torch.tensor(0.0))
+    return sum(per_m) / len(per_m)
+
+
+def test_residual_term_matches_explicit_loops():
+    out, K_o = _out(B=8, K=5, E=6, seed=5), 3  # two complementary tokens: their mean is decoded
+    keep = out["keep"]
+    assert keep[:, K_o].any() and (~keep[:, K_o]).any() and (keep[:, K_o] & ~keep[:, K_o + 1]).any()
+    decoders = _with_residual(out, K_o)
+    total, terms = Stage2Loss(K_o, 0.0, complementary_residual_weight=0.7)(out)
+    ref = _manual_residual(out, decoders, K_o)
+    assert torch.allclose(terms["residual"], ref, atol=1e-6)
+    assert torch.allclose(total, terms["contrastive"] + 0.7 * ref, atol=1e-6)
+    for m in out["registers"]:
+        assert f"residual_{m}" in terms
+    assert "residual" not in Stage2Loss(K_o)(out)[1]  # off: the logged terms are the original ones
+    with pytest.raises(ValueError, match="residual_dims"):
+        Stage2Loss(K_o, complementary_residual_weight=1.0)({k: v for k, v in out.items() if k != "residual"})
+
+
+def test_residual_term_is_exactly_zero_when_no_complementary_token_is_kept():
+    out, K_o = _out(B=6, seed=6, keep=torch.arange(4)[None, :] < torch.tensor([1, 3, 2, 3, 3, 1])[:, None]), 3
+    decoders = _with_residual(out, K_o)
+    total, terms = Stage2Loss(K_o, 0.0, complementary_residual_weight=1.0)(out)
+    assert terms["residual"].item() == 0.0 and all(terms[f"residual_{m}"].item() == 0.0 for m in decoders)
+    assert torch.equal(total, terms["contrastive"])
+    # masks for an empty complementary part (K == K_o) give 0 too
+    masks = complementary_masks(torch.zeros(4, 0, dtype=torch.bool))
+    assert residual_term(torch.randn(4, 5), torch.randn(4, 5), masks).item() == 0.0
+    masks = complementary_masks(out["keep"][:, K_o:])
+    residual = sum(residual_term(out["residual"][m], out["global"][m], masks) for m in decoders)
+    grads = torch.autograd.grad(residual, [d.weight for d in decoders.values()])
+    assert all(torch.all(g == 0) for g in grads)  # zero, not NaN
+
+
+def test_residual_gradient_reaches_complementary_tokens_and_decoder_not_overlapping_tokens():
+    out, K_o = _out(B=8, seed=3), 3
+    keep = out["keep"]
+    assert keep[:, K_o].any() and (~keep[:, K_o]).any()
+    decoders = _with_residual(out, K_o)
+    masks = complementary_masks(keep[:, K_o:])
+    sum(residual_term(out["residual"][m], out["global"][m], masks) for m in decoders).backward()
+    for m, r in out["registers"].items():
+        assert torch.all(r.grad[:, :K_o] == 0)  # the shared part is stop-gradient in this term
+        assert torch.all(r.grad[:, K_o][~keep[:, K_o]] == 0)
+        assert r.grad[:, K_o][keep[:, K_o]].abs().sum(-1).gt(0).all()
+        assert decoders[m].weight.grad.abs().sum() > 0 and decoders[m].bias.grad.abs().sum() > 0
+        # the decoder does read the shared half: its weights there get gradients too
+        assert decoders[m].weight.grad[:, :r.shape[-1]].abs().sum() > 0
+
     comp = torch.randn(4, 1, 8, requires_grad=True)
     l2, div = complementary_terms(comp, torch.zeros(4, 1, dtype=torch.bool), torch.randn(4, 8))
     assert l2.item() == 0.0 and div.item() == 0.0  # exactly 0, not NaN
@@ -167,7 +287,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     path = tmp_path / "ddp.pt"
     mp.spawn(ddp_loss_worker.worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
     result = torch.load(path, weights_only=True)
-    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0
+    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0 and terms["residual"] > 0
     assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0)
     for name, value in result["values"].items():
         if name != "total":

@@ -182,6 +182,22 @@ def test_seed_command_flags_parse_with_those_names():
     assert args.active_modality_names == list(MODALITIES)
 
 
+def test_complementary_flags_reach_the_loss_and_the_model(tiny_stage1):
+    default = main_mod.parse_args(SEED_COMMAND)
+    loss = main_mod.build_criterion(default)  # the defaults: the original objective
+    assert (loss.reg_weight, loss.reg_terms, loss.l2, loss.recon_weight, loss.residual_weight) == (
+        0.01, ("l2", "diversity"), "sum", 0.0, 0.0)
+    assert main_mod.build_model(default, tiny_stage1).unwrapped_registers.residual is None
+    args = main_mod.parse_args(SEED_COMMAND + ["--complementary_reg_terms", "diversity", "--complementary_l2", "mean",
+                                               "--complementary_residual_weight", "0.5"])
+    loss = main_mod.build_criterion(args)
+    assert (loss.reg_terms, loss.l2, loss.residual_weight) == (("diversity",), "mean", 0.5)
+    decoders = main_mod.build_model(args, tiny_stage1).unwrapped_registers.residual
+    E = tiny_stage1.embed_dim
+    assert sorted(decoders) == sorted(MODALITIES)
+    assert all((d.in_features, d.out_features) == (2 * E, E) for d in decoders.values())
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--num_overlapping_tokens", "4"], "--num_overlapping_tokens"),
     (["--nested_dropout_rate", "1.0"], "--nested_dropout_rate"),
@@ -190,6 +206,9 @@ def test_seed_command_flags_parse_with_those_names():
     (["--active_modality_names", "vision"], "--active_modality_names"),
     (["--precision", "fp8"], "--precision"),
     (["--complementary_reg_weight", "-1"], "--complementary_reg_weight"),
+    (["--complementary_residual_weight", "-1"], "--complementary_residual_weight"),
+    (["--complementary_reg_terms", "l1"], "--complementary_reg_terms"),
+    (["--complementary_l2", "max"], "--complementary_l2"),
     (["--eval_only"], "--eval_only"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_invalid_values_fail_at_parse_time(extra, message, capsys):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from loss_stage2 import Stage2Loss
+from loss_stage2 import Stage2Loss, complementary_masks, residual_term
 from tvl_stage2 import FluxTalk, RegisterModule, nested_dropout_mask
 
 DIMS = {"tactile": 12, "text": 10, "vision": 14}
@@ -82,6 +82,34 @@ def test_causal_prefix_does_not_depend_on_later_register_tokens():
                 # the recon decoder sees the kept prefix only, so it cannot see the perturbation either
                 kept_only = module(tokens, keep=torch.arange(4)[None].expand(3, -1) <= k)["recon"][m]
                 assert torch.allclose(out["recon"][m], kept_only, atol=1e-6)
+
+
+def test_residual_decoder_is_optional_and_changes_no_other_initial_value():
+    plain, with_residual = _module(), _module(residual_dims={m: 5 for m in DIMS})
+    assert plain.residual is None and "residual" not in plain(_tokens())
+    own = plain.state_dict()
+    extra = {k: v for k, v in with_residual.state_dict().items() if k not in own}
+    assert set(extra) == {f"residual.{m}.{p}" for m in DIMS for p in ("weight", "bias")}
+    assert all(v.shape == ((5, 32) if k.endswith("weight") else (5,)) for k, v in extra.items())  # (E_m, 2E)
+    for k, v in own.items():  # same seed, same values: runs with and without the term start from one point
+        assert torch.equal(v, with_residual.state_dict()[k]), k
+
+
+def test_residual_gradient_from_the_module_skips_the_overlapping_outputs():
+    module = _module(residual_dims={m: 5 for m in DIMS})
+    keep = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = module(_tokens(), keep=keep)
+    for r in out["registers"].values():
+        r.retain_grad()
+    target = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    masks = complementary_masks(keep[:, 3:])
+    sum(residual_term(out["residual"][m], target, masks) for m in DIMS).backward()
+    for m, r in out["registers"].items():
+        assert torch.all(r.grad[:, :3] == 0) and torch.all(r.grad[1] == 0)
+        assert r.grad[[0, 2], 3].abs().sum(-1).gt(0).all()
+        assert module.residual[m].weight.grad.abs().sum() > 0
+    # through the complementary token the term does train the shared register module
+    assert module.register_tokens.grad[3].abs().sum() > 0 and module.head.weight.grad.abs().sum() > 0
 
 
 def test_padded_context_positions_do_not_change_outputs():
