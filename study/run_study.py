@@ -64,16 +64,19 @@ ARMS = [
      ["--complementary_recon_weight", "1"]),
     ("residual", "+ residual reconstruction (stop-gradient shared + complementary), weight 1",
      ["--complementary_residual_weight", "1"]),
+    ("residual_l2mean", "residual (weight 1) with the width-independent L2",
+     ["--complementary_residual_weight", "1", "--complementary_l2", "mean"]),
 ]
 
 # The image-derived source has long contexts (197 tactile tokens), so a step costs ~3x a latent one: it runs the
 # arms the headline claims need, the latent source runs them all.
 TVL_ARMS = ("default", "nd0", "residual")
+QUICK_ARMS = ("default", "nd0", "reg_off", "residual")  # --quick: the summary line's arms, the controls of the claims
 # Sizes: latent (train, val) samples, tvl (SSVTP, HCT) samples generated, epochs per source; "smoke" only checks
 # the plumbing (tests).
 SIZES = {
-    "full": dict(latent=(4096, 1024), tvl=(1000, 1000), epochs={"latent": 5, "tvl": 6}, seeds=3),
-    "quick": dict(latent=(2048, 512), tvl=(400, 400), epochs={"latent": 3, "tvl": 4}, seeds=3),
+    "full": dict(latent=(3072, 1024), tvl=(1000, 1000), epochs={"latent": 4, "tvl": 5}, seeds=3),
+    "quick": dict(latent=(1024, 512), tvl=(400, 400), epochs={"latent": 3, "tvl": 4}, seeds=3),
     "smoke": dict(latent=(128, 64), tvl=(60, 60), epochs={"latent": 1, "tvl": 1}, seeds=2),
 }
 # A register width of 64 instead of the mission's 256 keeps a run at seconds on a CPU; everything else is the
@@ -86,7 +89,8 @@ def get_args_parser():
     p = argparse.ArgumentParser("FluxTalk study", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", default=os.path.join(ROOT, "study", "results"), help="results folder")
     p.add_argument("--work_dir", default=None, help="data, caches and checkpoints (default: OUTPUT/work)")
-    p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller data, fewer epochs, arms {', '.join(QUICK_ARMS)} unless --arms says otherwise")
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the plumbing only")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 3, smoke 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, both sources (default: by size)")
@@ -437,17 +441,18 @@ def plot(results, out):
         plt.close(fig)
 
         arms = [a for a in (DEFAULT_ARM, "residual") if a in src["arms"]]
-        fig, axes = plt.subplots(1, len(arms), figsize=(1.1 * len(src["kinds"]) * len(arms) + 3, 0.32 * 30 + 1.5),
+        n_rows = len(probe_rows(src, arms[0]))
+        fig, axes = plt.subplots(1, len(arms), figsize=(1.1 * len(src["kinds"]) * len(arms) + 3, 0.3 * n_rows + 1.5),
                                  squeeze=False)
-        for ax, a in zip(axes[0], arms):
+        for i_ax, (ax, a) in enumerate(zip(axes[0], arms)):
             rows = probe_rows(src, a)
             mat = np.array([[np.mean(row[f]) for f in src["kinds"]] for _, row in rows])
             im = ax.imshow(np.clip(mat, 0, 1), cmap="viridis", vmin=0, vmax=1, aspect="auto")
             ax.set_xticks(range(len(src["kinds"])), list(src["kinds"]), rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+            ax.set_yticks(range(len(rows)), [r[0] for r in rows] if i_ax == 0 else [], fontsize=7)  # same rows
             for i in range(mat.shape[0]):
                 for j in range(mat.shape[1]):
-                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if mat[i, j] < 0.5 else "black")
             ax.set_title(f"{source}, arm {a}: probe score (R² / accuracy)", fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.5)
@@ -495,7 +500,7 @@ def main(argv=None):
     out = a.output
     work = a.work_dir or os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
-    arms, skipped = available_arms(a.arms)
+    arms, skipped = available_arms(a.arms or (QUICK_ARMS if a.quick and not a.smoke else None))
     for need in (DEFAULT_ARM, NO_DROPOUT_ARM):
         if need not in [x[0] for x in arms]:
             print(f"error: --arms must include {need} (the headline compares {DEFAULT_ARM} with {NO_DROPOUT_ARM})",
