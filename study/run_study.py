@@ -94,6 +94,8 @@ def get_args_parser():
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the plumbing only")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 3, smoke 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, both sources (default: by size)")
+    p.add_argument("--rewrite_report", action="store_true",
+                   help="only rewrite RESULTS.md and the plots from OUTPUT/results.json (no training)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared CPU, spinning OpenMP threads made steps ~30x slower)")
     p.add_argument("--sources", nargs="+", default=["latent", "tvl"], choices=["latent", "tvl"])
@@ -380,6 +382,18 @@ def write_report(results, out):
         for a, s in summaries.items():
             digits = lambda k: 1 if k.startswith("R@1") else 3  # noqa: E731
             lines.append(f"| {a} | " + " | ".join(fmt(s[k], digits(k)) for k in metrics) + " |")
+        lines += ["", "Paired by seed, arm minus `default` (R@1 in points, probe scores on the modality-specific "
+                  "factors of the token's own modality):", "",
+                  "| arm | ΔR@1 pooled | ΔR@1 first token | Δ(comp - overlap), specific | Δcomp, specific |"
+                  + (" Δcomp, nuisance |" if "comp, nuisance" in metrics else ""),
+                  "|---|---|---|---|---|" + ("---|" if "comp, nuisance" in metrics else "")]
+        for a in arms:
+            if a == DEFAULT_ARM:
+                continue
+            d = {k: np.array(summaries[a][k]) - np.array(summaries[DEFAULT_ARM][k]) for k in metrics}
+            cols = ["R@1 pooled", "R@1 first token", "comp - overlap, specific", "comp, specific"]
+            cols += ["comp, nuisance"] if "comp, nuisance" in metrics else []
+            lines.append(f"| {a} | " + " | ".join(fmt(d[k], 1 if k.startswith("R@1") else 3) for k in cols) + " |")
         lines += ["", "Arms: " + "; ".join(f"`{a}` = {src['arms'][a]['description']}" for a in arms) + ". "
                   "`init` = the untrained register module of each seed (the control).", "",
                   f"Stage 1 global embedding R@1: " + ", ".join(
@@ -492,6 +506,12 @@ def run_source(source, work, size, epochs, seeds, arms, stage1_flags, stage1):
 
 def main(argv=None):
     a = get_args_parser().parse_args(argv)
+    if a.rewrite_report:
+        with open(os.path.join(a.output, "results.json")) as f:
+            results = json.load(f)
+        write_report(results, a.output)
+        plot(results, a.output)
+        return 0
     t0 = time.time()
     size_name = "smoke" if a.smoke else "quick" if a.quick else "full"
     size = SIZES[size_name]
