@@ -533,7 +533,7 @@ def main(argv=None):
         print(f"study: skipping arms whose flags main_train_stage2 lacks: {', '.join(skipped)}")
     torch.set_num_threads(a.threads)
     stage1_flags, stage1 = tiny_stage1(work)
-    results = {"command": "python study/run_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": " ".join(["python study/run_study.py"] + (argv if argv is not None else sys.argv[1:])),
                "size": size_name, "seeds": seeds, "epochs": epochs, "threads": a.threads, "modalities": MODALITIES,
                "skipped_arms": skipped, "sources": {}}
     for source in [s for s in ("latent", "tvl") if s in a.sources]:
