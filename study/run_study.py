@@ -17,8 +17,8 @@ into the register module and run over the cached val (and train, for the probes)
 The untrained register module of the same seed (the weights training starts from) and Stage 1's global embedding
 are probed the same way, as controls.
 
-Writes to --output: results.json (every number of every run), RESULTS.md (mean ± std over seeds), prefix.png,
-probes_<source>.png. The last stdout line is
+Writes to --output: results.json (every number of every run), RESULTS.md (mean ± std over seeds),
+prefix_<source>.png, probes_<source>.png. The last stdout line is
     study: ordering_gain=<mean> ordering_std=<std> specific_gain=<mean> specific_std=<std> seeds=<n>
 ordering_gain: Recall@1 in points (mean over pairs and both directions) from the first register token alone,
 nested dropout 0.5 minus none; specific_gain: probe score of the complementary token minus that of the pooled
@@ -273,16 +273,20 @@ def load_trained(args, stage1, out_dir):
     return model.registers
 
 
-def initial_module(args, stage1):
-    """The register module a run with these args starts from (same seeding as main_train_stage2.setup)."""
+def initial_module(args):
+    """The register module a run with these args starts from: main_train_stage2.run seeds, builds Stage 1 (whose
+    random initialisation before loading draws from the same generator), then the model; so do we."""
     train.seed_everything(args.seed)
+    stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
+                          active_modalities=args.active_modality_names)
     return train.build_model(args, stage1).registers
 
 
 def stage1_controls(args, stage1, targets, classes):
     """What Stage 1's global embedding holds (probes) and retrieves (Recall@1 per pair), train/val as the runs."""
-    _, glob_tr, _ = embed(initial_module(args, stage1), args, stage1, "train")
-    _, glob_va, _ = embed(initial_module(args, stage1), args, stage1, "val")
+    registers = initial_module(args)
+    _, glob_tr, _ = embed(registers, args, stage1, "train")
+    _, glob_va, _ = embed(registers, args, stage1, "val")
     probes = {m: probe_table({"stage1_global": glob_tr[m].numpy()}, {"stage1_global": glob_va[m].numpy()},
                              targets["train"], targets["val"], classes)["stage1_global"] for m in MODALITIES}
     r1 = {}
@@ -486,7 +490,7 @@ def run_source(source, work, size, epochs, seeds, arms, stage1_flags, stage1):
            "stage1": stage1_controls(args0, stage1, targets, classes), "arms": {}, "init": []}
     for seed in range(seeds):
         args = train.parse_args(base_flags(cache, stage1_flags, os.path.join(work, "unused"), seed, epochs))
-        src["init"].append(evaluate_module(initial_module(args, stage1), args, stage1, targets, classes))
+        src["init"].append(evaluate_module(initial_module(args), args, stage1, targets, classes))
     for name, desc, flags in arms:
         arm = src["arms"][name] = {"description": desc, "flags": flags, "runs": []}
         for seed in range(seeds):

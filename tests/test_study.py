@@ -119,3 +119,24 @@ def test_quick_path_writes_its_outputs(tmp_path):
     assert "## Source: latent" in md and "## Source: tvl" in md and res["command"] in md
     for name in ("prefix_latent.png", "prefix_tvl.png", "probes_latent.png", "probes_tvl.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_init_control_is_the_module_training_starts_from(tmp_path, tiny_stage1_files):
+    """With lr 0 training leaves the weights where they started: the checkpoint must equal the study's control."""
+    import torch
+
+    import main_train_stage2 as train
+    from stage1 import build_stage1
+    from study.latent_tokens import make_latent_cache
+    from study.run_study import base_flags, initial_module, load_trained, train_run
+    ckpt, clip = tiny_stage1_files
+    flags = ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip]
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "run")
+    argv = base_flags(cache, flags, out, 3, 1) + ["--lr", "0"]
+    stage1 = build_stage1(ckpt, "fluxtalk-tiny", clip, active_modalities=["vision", "tactile"])
+    make_latent_cache(cache, stage1, train.parse_args(argv), n_train=128, n_val=64, seed=0)
+    args, _ = train_run(argv, out)
+    trained, init = load_trained(args, stage1, out).state_dict(), initial_module(args).state_dict()
+    assert trained.keys() == init.keys()
+    for k in trained:
+        assert torch.equal(trained[k], init[k]), k
