@@ -13,12 +13,16 @@ The files follow main_train_stage2's feature-cache layout (one shard, one view):
     DIR/<split>/meta.json
     DIR/factors.json    {"factors": {name: kind}, "classes": {name: count}, "samples": {sample_id: {name: value}}}
 """
+import argparse
+import contextlib
+import io
 import json
 import os
 
 import numpy as np
 
-from data_stage2 import CACHE_FORMAT, cache_data_flags
+from data_stage2 import resolve_recipe
+from feature_cache import CACHE_FORMAT, cache_data_flags
 
 SPEC = dict(shared_dim=4, num_classes=6, specific_dim=4, nuisance_dim=4, num_context=12, noise=0.3)
 # Token spans (fractions of the context) of each latent group: overlapping, so no token holds one group alone.
@@ -95,16 +99,27 @@ def write_split(root, split, z, maps, modalities, fingerprint, data_flags, embed
     return ids
 
 
+def resolved_args(args, stage1):
+    """A copy of the parsed training args holding Stage 1's data recipe where the command line gives none, as
+    main_train_stage2.run resolves them before it reads a cache (the cache's data flags must match those)."""
+    args = argparse.Namespace(**vars(args))
+    with contextlib.redirect_stdout(io.StringIO()):  # resolve_recipe prints the recipe
+        resolve_recipe(args, stage1)
+    return args
+
+
 def make_latent_cache(root, stage1, args, n_train, n_val, seed=0):
     """Writes the cache under root for `stage1` (its feature dims, embed dim and fingerprint) and the data flags of
-    the training `args`; returns root. Deterministic in seed."""
+    the training `args` (parsed; Stage 1's recipe is resolved into a copy here); returns root. Deterministic in
+    seed."""
+    args = resolved_args(args, stage1)
     modalities = list(args.active_modality_names)
     rng = np.random.default_rng(seed)
     maps = make_maps(modalities, stage1.feature_dims, stage1.embed_dim, rng)
     samples = {}
     for split, n in (("train", n_train), ("val", n_val)):
         z = sample_latents(n, modalities, rng)
-        ids = write_split(root, split, z, maps, modalities, stage1.fingerprint, cache_data_flags(args),
+        ids = write_split(root, split, z, maps, modalities, stage1.fingerprint, cache_data_flags(args, split),
                           stage1.embed_dim, stage1.feature_dims, rng)
         for i, sid in enumerate(ids):
             samples[sid] = {k: (int(v[i]) if v.ndim == 1 else v[i].tolist()) for k, v in z.items()}

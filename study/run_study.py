@@ -43,7 +43,7 @@ import cache_features  # noqa: E402
 import main_train_stage2 as train  # noqa: E402
 from loss_stage2 import masked_mean, prefix_curve, recall_at_k  # noqa: E402
 from stage1 import build_stage1  # noqa: E402
-from study.latent_tokens import make_latent_cache  # noqa: E402
+from study.latent_tokens import make_latent_cache, resolved_args  # noqa: E402
 from study.probes import probe  # noqa: E402
 from util.misc import modality_pairs, pair_name  # noqa: E402
 
@@ -80,7 +80,7 @@ SIZES = {
     "smoke": dict(latent=(128, 64), tvl=(60, 60), epochs={"latent": 1, "tvl": 1}, seeds=2),
 }
 # A register width of 64 instead of the mission's 256 keeps a run at seconds on a CPU; everything else is the
-# mission's default (K = 4 tokens, 3 overlapping, depth 2, nested dropout 0.5 ramped over the run, reg 0.01).
+# mission's default (K = 4 tokens, 3 overlapping, depth 2, nested dropout 0.5 from the first step, reg 0.01).
 TRAIN_FLAGS = ["--batch_size", "64", "--lr", "2e-3", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
                "--print_freq", "1000", "--register_width", "64"]
 
@@ -148,6 +148,11 @@ def prepare_source(source, work, size, stage1_flags, stage1):
 
 # --------------------------------------------------------------------------------------------------- training
 
+def run_args(argv, stage1):
+    """The args a training run with argv holds once it has resolved Stage 1's data recipe."""
+    return resolved_args(train.parse_args(argv), stage1)
+
+
 def base_flags(cache, stage1_flags, out_dir, seed, epochs):
     return ["--feature_cache", cache, "--output_dir", out_dir, "--seed", str(seed), "--epochs", str(epochs),
             "--active_modality_names", *MODALITIES] + TRAIN_FLAGS + stage1_flags
@@ -164,14 +169,14 @@ def available_arms(wanted):
     return arms, [a[0] for a in skipped]
 
 
-def train_run(argv, out_dir):
+def train_run(argv, out_dir, stage1):
     """Trains one run in this process; -> (args, seconds)."""
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     code = quiet(lambda: train.main(argv), os.path.join(out_dir, "stdout.txt"))
     if code:
         raise RuntimeError(f"training failed (exit {code}): see {os.path.join(out_dir, 'stdout.txt')}")
-    return train.parse_args(argv), time.time() - t0
+    return run_args(argv, stage1), time.time() - t0
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -482,14 +487,14 @@ def plot(results, out):
 
 def run_source(source, work, size, epochs, seeds, arms, stage1_flags, stage1):
     cache, kinds, classes, samples = prepare_source(source, work, size, stage1_flags, stage1)
-    args0 = train.parse_args(base_flags(cache, stage1_flags, os.path.join(work, "unused"), 0, epochs))
+    args0 = run_args(base_flags(cache, stage1_flags, os.path.join(work, "unused"), 0, epochs), stage1)
     ids = {s: quiet(lambda s=s: train.build_split(args0, s, stage1), os.devnull).sample_ids for s in ("train", "val")}
     targets = {s: factor_targets(ids[s], samples, kinds, classes) for s in ids}
     src = {"kinds": kinds, "classes": classes, "num_train": len(ids["train"]), "num_val": len(ids["val"]),
            "num_tokens": args0.num_register_tokens, "num_overlapping": args0.num_overlapping_tokens,
            "stage1": stage1_controls(args0, stage1, targets, classes), "arms": {}, "init": []}
     for seed in range(seeds):
-        args = train.parse_args(base_flags(cache, stage1_flags, os.path.join(work, "unused"), seed, epochs))
+        args = run_args(base_flags(cache, stage1_flags, os.path.join(work, "unused"), seed, epochs), stage1)
         src["init"].append(evaluate_module(initial_module(args), args, stage1, targets, classes))
     for name, desc, flags in arms:
         arm = src["arms"][name] = {"description": desc, "flags": flags, "runs": []}
@@ -499,7 +504,7 @@ def run_source(source, work, size, epochs, seeds, arms, stage1_flags, stage1):
                 import shutil
                 shutil.rmtree(out_dir)
             argv = base_flags(cache, stage1_flags, out_dir, seed, epochs) + flags
-            args, seconds = train_run(argv, out_dir)
+            args, seconds = train_run(argv, out_dir, stage1)
             run = evaluate_module(load_trained(args, stage1, out_dir), args, stage1, targets, classes)
             run.update(seed=seed, train_seconds=seconds, argv=argv)
             arm["runs"].append(run)

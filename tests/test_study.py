@@ -55,9 +55,9 @@ def test_class_probe_known_answers():
 def test_latent_cache_holds_what_it_says(tmp_path, tiny_stage1_files):
     """Token features carry shared + specific + nuisance latents, the Stage 1 global embedding no nuisance."""
     import main_train_stage2 as train
-    from data_stage2 import load_cache_meta
+    from feature_cache import load_cache_meta
     from stage1 import build_stage1
-    from study.latent_tokens import make_latent_cache
+    from study.latent_tokens import make_latent_cache, resolved_args
     ckpt, clip = tiny_stage1_files
     mods = ["vision", "tactile"]
     stage1 = build_stage1(ckpt, "fluxtalk-tiny", clip, active_modalities=mods)
@@ -65,6 +65,7 @@ def test_latent_cache_holds_what_it_says(tmp_path, tiny_stage1_files):
                              "fluxtalk-tiny", "--clip_pretrained", clip, "--active_modality_names", *mods,
                              "--device", "cpu"])
     make_latent_cache(str(tmp_path), stage1, args, n_train=600, n_val=300, seed=0)
+    args = resolved_args(args, stage1)  # as training holds them: Stage 1's recipe resolved into them
     ds = {s: train.build_split(args, s, stage1) for s in ("train", "val")}  # accepted by the training reader
     assert len(ds["train"]) == 600 and load_cache_meta(str(tmp_path), "val")["stage1_fingerprint"] == stage1.fingerprint
     samples = json.load(open(tmp_path / "factors.json"))["samples"]
@@ -135,7 +136,7 @@ def test_init_control_is_the_module_training_starts_from(tmp_path, tiny_stage1_f
     argv = base_flags(cache, flags, out, 3, 1) + ["--lr", "0"]
     stage1 = build_stage1(ckpt, "fluxtalk-tiny", clip, active_modalities=["vision", "tactile"])
     make_latent_cache(cache, stage1, train.parse_args(argv), n_train=128, n_val=64, seed=0)
-    args, _ = train_run(argv, out)
+    args, _ = train_run(argv, out, stage1)
     trained, init = load_trained(args, stage1, out).state_dict(), initial_module(args).state_dict()
     assert trained.keys() == init.keys()
     for k in trained:
