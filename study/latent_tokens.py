@@ -1,0 +1,129 @@
+"""Token features generated directly from known latents (no images, no encoders), written as a feature cache.
+
+Per sample: a shared continuous latent and a shared class (seen by every modality), and per modality a specific
+latent and a nuisance latent (seen by that modality only). Each modality's context is N tokens of Stage 1's
+feature width for it; every latent group is written, through fixed random matrices, into a contiguous span of
+several tokens (spans overlap), plus Gaussian noise. The Stage 1 "global" embedding of a modality (what the
+reconstruction targets read) is a fixed random linear map of the shared + specific latents only, never of the
+nuisance. So a representation can hold a factor because it was kept on purpose (shared, specific: both in the
+global embedding) or because nothing removed it (nuisance: in the tokens only), and the probes tell them apart.
+
+The files follow main_train_stage2's feature-cache layout (one shard, one view):
+    DIR/<split>/shard_00000/{<m>_tokens.npy float16 (1, n, N, C_m), <m>_global.npy float32 (1, n, E), index.npy}
+    DIR/<split>/meta.json
+    DIR/factors.json    {"factors": {name: kind}, "classes": {name: count}, "samples": {sample_id: {name: value}}}
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+
+from data_stage2 import resolve_recipe
+from feature_cache import CACHE_FORMAT, cache_data_flags
+
+SPEC = dict(shared_dim=4, num_classes=6, specific_dim=4, nuisance_dim=4, num_context=12, noise=0.3)
+# Token spans (fractions of the context) of each latent group: overlapping, so no token holds one group alone.
+SPANS = {"shared": (0.0, 0.5), "class": (0.25, 0.75), "specific": (0.25, 0.75), "nuisance": (0.5, 1.0)}
+
+
+def factor_kinds(modalities):
+    """{factor: "shared" | "specific" | "nuisance"}; the modality of a specific / nuisance factor prefixes it."""
+    kinds = {"shared": "shared", "shared_class": "shared"}
+    for m in modalities:
+        kinds[f"{m}_specific"], kinds[f"{m}_nuisance"] = "specific", "nuisance"
+    return kinds
+
+
+def sample_latents(n, modalities, rng):
+    """{factor: (n, d) float or (n,) int class} drawn independently, standard normal / uniform class."""
+    z = {"shared": rng.standard_normal((n, SPEC["shared_dim"])),
+         "shared_class": rng.integers(SPEC["num_classes"], size=n)}
+    for m in modalities:
+        z[f"{m}_specific"] = rng.standard_normal((n, SPEC["specific_dim"]))
+        z[f"{m}_nuisance"] = rng.standard_normal((n, SPEC["nuisance_dim"]))
+    return z
+
+
+def make_maps(modalities, feature_dims, embed_dim, rng):
+    """Fixed random maps per modality: for each latent group, (N, d, C) token writer zero outside its span, and
+    (d, E) global writer for the shared (the same in every modality) and specific groups. Entries scaled so every
+    group adds unit variance per coordinate of the tokens it is written into."""
+    n_ctx = SPEC["num_context"]
+    dims = {"shared": SPEC["shared_dim"], "class": SPEC["num_classes"], "specific": SPEC["specific_dim"],
+            "nuisance": SPEC["nuisance_dim"]}
+    # As a contrastively trained Stage 1: the shared latents land on the same global directions in every modality.
+    shared_glob = {g: rng.standard_normal((dims[g], embed_dim)) / np.sqrt(dims[g]) for g in ("shared", "class")}
+    maps = {}
+    for m in modalities:
+        c = feature_dims[m]
+        tok = {}
+        for g, d in dims.items():
+            lo, hi = (int(round(f * n_ctx)) for f in SPANS[g])
+            w = np.zeros((n_ctx, d, c))
+            w[lo:hi] = rng.standard_normal((hi - lo, d, c)) / np.sqrt(d)
+            tok[g] = w
+        specific = rng.standard_normal((dims["specific"], embed_dim)) / np.sqrt(dims["specific"])
+        maps[m] = {"tokens": tok, "global": dict(shared_glob, specific=specific)}
+    return maps
+
+
+def render(z, maps, m, rng):
+    """(tokens (n, N, C) float32, global (n, E) float32) of modality m from the latents z."""
+    groups = {"shared": z["shared"], "class": np.eye(SPEC["num_classes"])[z["shared_class"]] * np.sqrt(SPEC["num_classes"]),
+              "specific": z[f"{m}_specific"], "nuisance": z[f"{m}_nuisance"]}
+    tokens = sum(np.einsum("nd,tdc->ntc", groups[g], w) for g, w in maps[m]["tokens"].items())
+    tokens = tokens + SPEC["noise"] * rng.standard_normal(tokens.shape)
+    glob = sum(groups[g] @ w for g, w in maps[m]["global"].items())
+    return tokens.astype(np.float32), glob.astype(np.float32)
+
+
+def write_split(root, split, z, maps, modalities, fingerprint, data_flags, embed_dim, feature_dims, rng):
+    n = len(z["shared"])
+    shard = os.path.join(root, split, "shard_00000")
+    os.makedirs(shard, exist_ok=True)
+    for m in modalities:
+        tokens, glob = render(z, maps, m, rng)
+        np.save(os.path.join(shard, f"{m}_tokens.npy"), tokens[None].astype(np.float16))  # (1 view, n, N, C)
+        np.save(os.path.join(shard, f"{m}_global.npy"), glob[None])
+    np.save(os.path.join(shard, "index.npy"), np.arange(n, dtype=np.int64))
+    ids = [f"latent/{split}/{i:06d}" for i in range(n)]
+    meta = {"format": CACHE_FORMAT, "split": split, "stage1_fingerprint": fingerprint,
+            "active_modalities": list(modalities), "data_flags": data_flags, "seed": 0, "views": 1,
+            "shard_size": n, "num_samples": n, "num_shards": 1, "sample_ids": ids, "precision": "fp32",
+            "feature_dims": {m: feature_dims[m] for m in modalities}, "embed_dim": embed_dim, "captions": None}
+    with open(os.path.join(root, split, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return ids
+
+
+def resolved_args(args, stage1):
+    """A copy of the parsed training args holding Stage 1's data recipe where the command line gives none, as
+    main_train_stage2.run resolves them before it reads a cache (the cache's data flags must match those)."""
+    args = argparse.Namespace(**vars(args))
+    with contextlib.redirect_stdout(io.StringIO()):  # resolve_recipe prints the recipe
+        resolve_recipe(args, stage1)
+    return args
+
+
+def make_latent_cache(root, stage1, args, n_train, n_val, seed=0):
+    """Writes the cache under root for `stage1` (its feature dims, embed dim and fingerprint) and the data flags of
+    the training `args` (parsed; Stage 1's recipe is resolved into a copy here); returns root. Deterministic in
+    seed."""
+    args = resolved_args(args, stage1)
+    modalities = list(args.active_modality_names)
+    rng = np.random.default_rng(seed)
+    maps = make_maps(modalities, stage1.feature_dims, stage1.embed_dim, rng)
+    samples = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        z = sample_latents(n, modalities, rng)
+        ids = write_split(root, split, z, maps, modalities, stage1.fingerprint, cache_data_flags(args, split),
+                          stage1.embed_dim, stage1.feature_dims, rng)
+        for i, sid in enumerate(ids):
+            samples[sid] = {k: (int(v[i]) if v.ndim == 1 else v[i].tolist()) for k, v in z.items()}
+    with open(os.path.join(root, "factors.json"), "w") as f:
+        json.dump({"factors": factor_kinds(modalities), "classes": {"shared_class": SPEC["num_classes"]},
+                   "samples": samples}, f)
+    return root
