@@ -1,7 +1,7 @@
-"""`python main_train_stage2.py --demo`: the fast path on data made here, on the CPU, in about a minute.
+"""`python main_train_stage2.py --demo`: the fast path on data made here, on the CPU, in well under a minute.
 
-Under output_dir: data/ (synthetic TVL-format data), stage1/ (a tiny random Stage 1), cache/ (its features, computed
-once by cache_features.py's code), all reused when present; then a short run trained from the cache, with the
+Under output_dir: data/ (synthetic TVL-format data), stage1/ (a tiny random Stage 1), cache/seed<seed>/ (its features,
+computed once by cache_features.py's code), all reused when present; then a short run trained from the cache, with the
 retrieval metrics before and after training.
 """
 import os
@@ -12,7 +12,7 @@ from util.misc import headline_keys
 
 # From the cache a step is the register module alone, so workers would only add start-up time; the inputs are not
 # augmented: one encoder pass over each split is all the demo pays for Stage 1.
-DEMO = dict(epochs=6, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=0, print_freq=5, nested_dropout_rate=0.5,
+DEMO = dict(epochs=10, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=0, print_freq=5, nested_dropout_rate=0.5,
             register_width=128, device="cpu", no_augment=True)
 CACHE_WORKERS = 2  # image decoding overlaps the encoder forward while caching
 
@@ -28,19 +28,20 @@ def apply_demo_defaults(args, parser):
     args.stage1_checkpoint = os.path.join(args.output_dir, "stage1", "tiny_stage1.pth")
     args.clip_model = "fluxtalk-tiny"
     args.clip_pretrained = os.path.join(args.output_dir, "stage1", "tiny_clip.pt")
-    args.feature_cache = os.path.join(args.output_dir, "cache")
+    args.feature_cache = os.path.join(args.output_dir, "cache", f"seed{args.seed}")  # one cache per --seed
 
 
 def cache_args(args):
-    """cache_features.py's flags for the demo's data, Stage 1 and modalities. Without augmented views the cache does
-    not depend on the seed, so a demo rerun with another --seed reuses it (training still checks the sample ids,
-    which --use_not_contact draws with the seed)."""
+    """cache_features.py's flags for the demo's data, Stage 1, modalities, seed (--use_not_contact draws its frames
+    with it) and every data-recipe flag given on the command line (the cache must hold what training will read)."""
     argv = ["--output", args.feature_cache, "--splits", "train", "val", "--num_workers", str(CACHE_WORKERS),
-            "--datasets", *args.datasets, "--active_modality_names", *args.active_modality_names]
-    for k in ("datasets_dir", "text_prompt", "stage1_checkpoint", "clip_model", "clip_pretrained",
-              "tactile_model", "device", "precision"):
+            "--datasets", *args.datasets, "--active_modality_names", *args.active_modality_names, "--seed", str(args.seed)]
+    for k in ("datasets_dir", "stage1_checkpoint", "clip_model", "clip_pretrained", "tactile_model", "device",
+              "precision", "text_prompt", "percent_not_contact", "subtract_background", "tactile_background"):
         argv += [f"--{k}", str(getattr(args, k))] if getattr(args, k) is not None else []
-    argv += [f"--{k}" for k in ("no_text_prompt", "shuffle_text", "use_not_contact") if getattr(args, k)]
+    argv += ["--no_text_prompt"] if args.no_text_prompt else []
+    for k in ("shuffle_text", "replace_synonyms", "use_not_contact", "color_jitter"):  # --flag / --no-flag / unset
+        argv += [] if getattr(args, k) is None else [f"--{k}" if getattr(args, k) else f"--no-{k}"]
     return cache_features.parse_args(argv)
 
 
