@@ -243,8 +243,6 @@ def build_criterion(args):
 
 # --------------------------------------------------------------------------------------------------- logging
 
-
-
 def print_metrics(title, metrics, args):
     if dist.is_main():
         start = len(args.eval_split) + 1
@@ -314,9 +312,8 @@ def side_by_side(report):
 
 def note_eval_split(args, stage1):
     """Says, once, when the evaluation split overlaps what Stage 1 trained on."""
-    trained_with = getattr(stage1, "train_args", None)
     if (dist.is_main() and args.eval_split == "val" and "hct" in args.datasets
-            and getattr(trained_with, "use_not_contact", False)):
+            and getattr(stage1.train_args, "use_not_contact", False)):
         print("note: Stage 1 was trained with --use_not_contact, so most HCT validation samples were in its training "
               "split; --eval_split test gives the clean number")
 
