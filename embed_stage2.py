@@ -41,7 +41,7 @@ def load_stage2(checkpoint, device="cpu", **overrides):
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names)
     model = build_model(args, stage1)
-    RunFiles(args, model, None, None, stage1.fingerprint).load(checkpoint)  # refuses another Stage 1 or shape
+    RunFiles(args, model, None, None, stage1.fingerprint).load(checkpoint, stored)  # refuses another Stage 1 or shape
     return model.to(args.device_obj).eval(), args
 
 

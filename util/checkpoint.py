@@ -209,10 +209,10 @@ class RunFiles:
                   f"{state.best:.2f}")
         return state
 
-    def load(self, path):
+    def load(self, path, ckpt=None):
         """Loads a checkpoint into model/optimizer/scaler; refuses a foreign file, another Stage 1 or another model
-        shape."""
-        ckpt = load_torch_file(path, flag="--resume")
+        shape. ckpt: the file's contents, when the caller has read it already."""
+        ckpt = load_torch_file(path, flag="--resume") if ckpt is None else ckpt
         missing = [k for k in ("model", "optimizer", "epoch", "next_step", "global_step", "args", "stage1_fingerprint")
                    if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:
