@@ -296,9 +296,16 @@ def eval_only(model, eval_loader, args, files, state):
     files.close()
     report = {"split": args.eval_split, "n": int(artifacts["stage2"]["num_samples"]), "captions": args.eval_captions,
               "checkpoint": files.resume_path, "stage2": artifacts["stage2"], "stage1": artifacts["stage1"]}
+    path, error = files.path(f"eval_{args.eval_split}.json"), None
     if dist.is_main():
-        files.write_json(f"eval_{args.eval_split}.json", report)
-        print(side_by_side(report))
+        try:
+            files.write_json(os.path.basename(path), report)
+            print(side_by_side(report))
+        except OSError as e:
+            error = CheckpointWriteError(f"{path}: writing failed ({e})")
+    # Also what keeps the ranks together until here: a rank that tore the process group down while rank 0 was still
+    # writing was seen to abort in gloo's threads (SIGABRT) under torchrun.
+    dist.raise_together(error, CheckpointWriteError(f"{path}: rank 0 failed to write it (see its error)"))
     return metrics
 
 
