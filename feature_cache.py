@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 import util.dist as dist
 from data_stage2 import (RECIPE_DEFAULTS, SUBSETS, DataError, build_dataset, epoch_and_index, item_seed, pop_bad,
                          raise_bad_files, recipe_of)
-from util.checkpoint import atomic_write, fsync_dir
+from util.checkpoint import fsync_dir, write_json
 from util.misc import autocast, to_device
 
 
@@ -178,10 +178,6 @@ PLAN_KEYS = ("format", "split", "stage1_fingerprint", "active_modalities", "data
              "shard_size", "num_samples", "sample_ids", "precision")
 
 
-def write_json_atomic(obj, path):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
-
-
 def make_plan(args, split, stage1, plain):
     views = 1 + (args.cache_views if split == "train" else 0)
     n = len(plain)
@@ -248,7 +244,7 @@ def cache_split(args, stage1, split, device):
     dist.barrier()
     if dist.is_main():
         os.makedirs(out, exist_ok=True)
-        write_json_atomic(plan, plan_path)
+        write_json(plan, plan_path, indent=1)
     dist.barrier()
 
     t0, done, skipped = time.time(), 0, 0
@@ -272,9 +268,9 @@ def cache_split(args, stage1, split, device):
         missing = [k for k in range(plan["num_shards"]) if not os.path.isdir(os.path.join(out, f"shard_{k:05d}"))]
         if missing:
             raise DataError(f"{out}: shards {missing[:5]} are missing after every rank finished; rerun to complete")
-        write_json_atomic(dict(plan, arrays=array_specs(os.path.join(out, "shard_00000")),
-                               feature_dims=stage1.feature_dims, embed_dim=stage1.embed_dim,
-                               captions=plain.captions, args={k: v for k, v in vars(args).items()}), meta_path)
+        write_json(dict(plan, arrays=array_specs(os.path.join(out, "shard_00000")),
+                        feature_dims=stage1.feature_dims, embed_dim=stage1.embed_dim,
+                        captions=plain.captions, args={k: v for k, v in vars(args).items()}), meta_path, indent=1)
         os.remove(plan_path)
         print(f"cache: {out} complete: {plan['num_samples']} samples x {plan['views']} view(s) in "
               f"{plan['num_shards']} shard(s)", flush=True)

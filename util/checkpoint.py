@@ -73,6 +73,11 @@ def atomic_write(path, write, mode="wb"):
         raise
 
 
+def write_json(obj, path, indent=2):
+    """json.dump through atomic_write (values JSON does not know are written as str)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent, default=str), mode="w")
+
+
 def fsync_dir(folder):
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -268,7 +273,7 @@ class RunFiles:
 
     def write_json(self, name, obj):
         """output_dir/<name>, written atomically (rank 0 calls it)."""
-        atomic_write(self.path(name), lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
+        write_json(obj, self.path(name))
 
     def saved_args(self):
         return {k: v for k, v in vars(self.args).items() if k != "device_obj"}
