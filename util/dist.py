@@ -1,4 +1,5 @@
 """torchrun / DDP helpers. One process per device; a single process is world size 1 (no process group)."""
+import datetime
 import os
 import signal
 import sys
@@ -155,6 +156,15 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def finish_together(timeout_s=120):
+    """On success, every rank waits here for the others before the process group is torn down: a rank that tore it
+    down while another was still writing its last files was seen to abort in gloo's threads (SIGABRT) under
+    torchrun. A monitored barrier on the gloo control group: a rank that never comes raises after timeout_s instead
+    of hanging."""
+    if is_dist():
+        dist.monitored_barrier(group=_CONTROL_GROUP, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def exception_message(e):
     """str(e); for one re-raised from a DataLoader worker, the original one-line message without the traceback."""
     msg = str(e)
@@ -172,6 +182,7 @@ def run_entry_point(run, args, outcomes):
     """
     try:
         run(args)
+        finish_together()
         return 0
     except Exception as e:
         for types, code, label in outcomes:
