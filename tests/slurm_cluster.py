@@ -9,14 +9,13 @@ environment), the rest inherited. After stop() none may be left; stop() kills an
 """
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 
 from conftest import free_port, kill_tree
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 CLUSTER_MARK = "FLUXTALK_TEST_SLURM"
 CONF = """\
 ClusterName=fluxtalk
@@ -27,8 +26,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire: a requeued job waits this long (+1 s) before it may start again (default 120 s)
-AuthInfo=socket={root}/munge/munge.sock,cred_expire=5
+# cred_expire: how long a job's credentials stay valid, and so how long (+1 s) a requeued job waits before it may
+# start again (default 120 s)
+AuthInfo=socket={root}/munge/munge.sock,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -53,7 +53,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 def missing_tools():
     """The SLURM / MUNGE programs not on PATH (empty when a cluster can start)."""
-    return [t for t in DAEMONS if shutil.which(t) is None]
+    return [t for t in PROGRAMS if shutil.which(t) is None]
 
 
 def marked_pids(*marks):
@@ -97,9 +97,12 @@ class SlurmCluster:
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         self.host = node.split()[0].split("=")[1]
         self.cpus = int(node.split("CPUs=")[1].split()[0])
+        ports = set()
+        while len(ports) < 2:
+            ports.add(free_port())
         with open(self.conf, "w") as f:
-            f.write(CONF.format(host=self.host, root=self.root, node=node, ctld_port=free_port(),
-                                slurmd_port=free_port()))
+            f.write(CONF.format(host=self.host, root=self.root, node=node, ctld_port=ports.pop(),
+                                slurmd_port=ports.pop()))
         self.spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", self.conf])
         self.spawn("slurmd", ["slurmd", "-D", "-f", self.conf])
         self.wait_until(lambda: self.node_state() == "idle", timeout, "the node to be idle")
@@ -113,7 +116,8 @@ class SlurmCluster:
 
     def stop(self, timeout=60):
         """Cancels every job, waits for them to end, stops the daemons (SIGTERM, then SIGKILL after 15 s); then
-        kills and returns whatever process of the cluster is left (an empty list when the cluster was clean)."""
+        kills and returns whatever process of the cluster is left (an empty list when the cluster was clean, whose
+        folder is then removed; else it stays, with the daemons' logs)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True, timeout=30)
             try:
@@ -129,21 +133,24 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        left = marked_pids(f"{CLUSTER_MARK}={self.root}")
+        left = self.wait_no_process(timeout=10)
         for p in left:
             kill_tree(p)
+        if not left:
+            shutil.rmtree(self.root, ignore_errors=True)
         return left
 
     def job_pids(self, job_id):
         """The processes of a job: the batch shell and everything below it, srun's tasks and theirs."""
         return marked_pids(f"{CLUSTER_MARK}={self.root}", f"SLURM_JOB_ID={job_id}")
 
-    def wait_no_job_process(self, job_id, timeout=30):
-        """Those processes of the job still running after `timeout` s (an ended job must leave none)."""
+    def wait_no_process(self, *marks, timeout=30):
+        """The processes of the cluster (with `marks` in their environment too, e.g. SLURM_JOB_ID=7) still running
+        after waiting up to `timeout` s for them to end."""
         t0 = time.time()
-        while self.job_pids(job_id) and time.time() - t0 < timeout:
+        while (left := marked_pids(f"{CLUSTER_MARK}={self.root}", *marks)) and time.time() - t0 < timeout:
             time.sleep(0.1)
-        return self.job_pids(job_id)
+        return left
 
     def wait_until(self, ready, timeout, what):
         t0 = time.time()
@@ -161,8 +168,9 @@ class SlurmCluster:
 
     # --------------------------------------------------------------------------------------- client commands
 
-    def cmd(self, *argv, env=None, check=True):
-        r = subprocess.run(argv, env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=60)
+    def cmd(self, *argv, env=None, cwd=None, check=True):
+        r = subprocess.run(argv, env=dict(self.env, **(env or {})), cwd=cwd, capture_output=True, text=True,
+                           timeout=60)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)}: exit {r.returncode}\n{r.stdout}{r.stderr}")
         return r.stdout
@@ -175,24 +183,9 @@ class SlurmCluster:
 
     def sbatch(self, *argv, env=None, cwd=None):
         """Submits; returns the job id."""
-        r = subprocess.run(["sbatch", "--parsable", *argv], env=dict(self.env, **(env or {})), cwd=cwd,
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"sbatch {' '.join(argv)}: exit {r.returncode}\n{r.stdout}{r.stderr}"
-        return r.stdout.strip().split(";")[0]
+        return self.cmd("sbatch", "--parsable", *argv, env=env, cwd=cwd).strip().split(";")[0]
 
     def job(self, job_id):
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.cmd("scontrol", "-o", "show", "job", job_id)
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-    def wait_job(self, job_id, states, timeout):
-        """Until the job's state is one of `states`; returns its record."""
-        t0 = time.time()
-        while True:
-            j = self.job(job_id)
-            if j["JobState"] in states:
-                return j
-            if time.time() - t0 > timeout:
-                raise AssertionError(f"job {job_id} still {j['JobState']} after {timeout} s (waiting for "
-                                     f"{states})\n{self.logs()}")
-            time.sleep(0.2)

@@ -138,7 +138,7 @@ class Job:
         while True:
             job = self.cluster.job(self.id)
             if job["JobState"] in FINAL:
-                left = self.cluster.wait_no_job_process(self.id)
+                left = self.cluster.wait_no_process(f"SLURM_JOB_ID={self.id}")
                 assert not left, f"job {self.id} ended ({job['JobState']}) but left processes {left}"
                 return job
             if time.time() - t0 > timeout:
