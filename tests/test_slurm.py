@@ -42,8 +42,9 @@ pytestmark = pytest.mark.slow
 def slurm():
     """The cluster, started once for this module; at the end no daemon, job or process of a job may be left."""
     missing = missing_tools()
-    reason = (f"SLURM tests need slurm-wlm and munge (apt-get install slurm-wlm munge): {', '.join(missing)} not "
-              f"found" if missing else "SLURM tests start slurmd, which needs root" if os.geteuid() else None)
+    reason = ("SLURM tests start slurmd, which needs root" if os.geteuid() else
+              f"SLURM tests need slurm-wlm and munge (apt-get install slurm-wlm munge): {', '.join(missing)} not "
+              f"found" if missing else None)
     if reason and os.environ.get("CI") == "true":
         pytest.fail(f"{reason}; CI must run them (.ci/run installs them)")
     if reason:
