@@ -162,16 +162,26 @@ class Job:
         return pids
 
 
-def acted_on(pid, sig):
-    """True once `sig` waits to be delivered to the stopped process `pid`, or something let it go on (SLURM sends
-    SIGCONT before the SIGTERM of a job's end), or it is gone."""
+def status(pid):
+    """/proc/<pid>/status as a dict, or None once the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            status = dict(line.split(":", 1) for line in f)
+            return dict(line.split(":", 1) for line in f)
     except OSError:
+        return None
+
+
+def is_stopped(st):
+    return st is not None and st["State"].strip().startswith("T")
+
+
+def acted_on(pid, sig):
+    """True once `sig` waits to be delivered to the stopped process `pid`, or something let it go on (SLURM sends
+    SIGCONT before the SIGTERM that ends a job), or it is gone."""
+    st = status(pid)
+    if not is_stopped(st):
         return True
-    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
-    return pending >> (sig - 1) & 1 or not status["State"].strip().startswith("T")
+    return bool((int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)) >> (sig - 1) & 1)
 
 
 def preempt_at(job, step, preempt, sig, timeout=120):
@@ -180,22 +190,27 @@ def preempt_at(job, step, preempt, sig, timeout=120):
     job.wait_for(" steps/epoch, ")  # printed just before the first step: the training process is up
     pids = job.trainers()
     assert len(pids) == 1, (pids, job.tail())
+    pid = pids[0]
     job.wait_for(f"epoch 0 [{step}/{STEPS}] loss")
-    os.kill(pids[0], signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.time()
+    while not is_stopped(status(pid)):  # SIGSTOP takes effect asynchronously
+        assert time.time() - t0 < 30, f"the training process {pid} did not stop in 30 s: {status(pid)}"
+        time.sleep(0.005)
+    time.sleep(0.5)  # lines it printed before the stop may still be on their way through srun to the log
     frozen = tuple(map(int, re.findall(r"^epoch (\d+) \[(\d+)/\d+\] loss", job.text(), flags=re.M)[-1]))
     if frozen[0] != 0 or frozen[1] == STEPS:
-        os.kill(pids[0], signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
         raise AssertionError(f"froze the run too late for a mid-epoch preemption: at {frozen}\n{job.tail()}")
     preempt()
     t0 = time.time()
-    while not acted_on(pids[0], sig):
+    while not acted_on(pid, sig):
         if time.time() - t0 > timeout:
-            os.kill(pids[0], signal.SIGCONT)
-            raise AssertionError(f"{sig.name} did not reach the training process {pids[0]} in {timeout} s\n"
-                                 f"{job.tail()}")
+            os.kill(pid, signal.SIGCONT)
+            raise AssertionError(f"{sig.name} did not reach the training process {pid} in {timeout} s\n{job.tail()}")
         time.sleep(0.05)
     try:
-        os.kill(pids[0], signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         pass  # killed while frozen
     return frozen
