@@ -10,8 +10,10 @@ Stage 1 and a feature cache:
 
 The references are plain torchrun runs outside SLURM with the same flags. The moment of preemption is made exact by
 freezing the job's training process (SIGSTOP) once it has logged a chosen step, preempting, waiting until the
-signal is pending in that process (or the process is gone), and letting it go on (SIGCONT): whatever the scheduler's
-latency, the stop lands in that step. Every wait is bounded and says what it waited for.
+signal is pending in that process, and letting it go on (SIGCONT): whatever the scheduler's latency, a SIGUSR1 lands
+in that step. (When SLURM ends a job itself, scancel or scontrol requeue, it sends SIGCONT before its SIGTERM, so the
+process may go on a step or two, or be killed by srun before it saves: those tests check a resume from mid-run,
+wherever that is.) Every wait is bounded and says what it waited for.
 """
 import os
 import re
