@@ -350,9 +350,9 @@ class CacheWriteError(DataError):
     """Writing the cache failed (a full disk, ...): one line naming the file, exit 2; finished shards are kept."""
 
 
-def write_error(e):
-    """CacheWriteError of an OSError met while writing the cache."""
-    return CacheWriteError(f"{e.filename or 'the cache'}: {e.strerror or e} while writing the cache; the finished "
+def write_error(e, where):
+    """CacheWriteError of an OSError met while writing the cache (at `where`, when the error names no file)."""
+    return CacheWriteError(f"{e.filename or where}: {e.strerror or e} while writing the cache; the finished "
                            f"shards are kept: free space and rerun the same command to complete it")
 
 
@@ -365,7 +365,7 @@ def on_rank0(fn, where):
         except DataError as e:
             error = e
         except OSError as e:
-            error = write_error(e)
+            error = write_error(e, where)
     dist.raise_together(error, CacheWriteError(f"{where}: rank 0 failed (see its error)"))
 
 
@@ -499,7 +499,10 @@ def allocate_npy(path, shape, dtype):
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)  # what np.lib.format.open_memmap writes
         offset = f.tell()
-        os.posix_fallocate(f.fileno(), 0, offset + math.prod(shape) * np.dtype(dtype).itemsize)
+        try:
+            os.posix_fallocate(f.fileno(), 0, offset + math.prod(shape) * np.dtype(dtype).itemsize)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None  # name the file
     return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
 
 
@@ -524,7 +527,7 @@ def write_shard(args, stage1, loaders, plan, out, k, device, bad):
         fsync_dir(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # its space back; a rerun writes the shard again
-        raise write_error(e) from None
+        raise write_error(e, tmp) from None
     return 1
 
 
