@@ -147,14 +147,25 @@ def npy_problem(path, shape, dtype):
     return None
 
 
+def cached_arrays(split_dir, meta):
+    """{array name: per-sample spec} of a split: meta.json's "arrays", or shard 0's headers for a cache index written
+    without them (study/'s caches)."""
+    shard0 = os.path.join(split_dir, shard_name(0))
+    return meta.get("arrays") or (array_specs(shard0) if os.path.isdir(shard0) else {})
+
+
 def shard_problems(folder, meta, k, names):
-    """["file: problem"] of shard k's arrays `names` (cheap: npy_problem), ["missing"] when the folder is."""
+    """["file: problem"] of shard k's arrays `names` (None: all; cheap: npy_problem), ["missing"] when the folder is."""
     if not os.path.isdir(folder):
         return ["missing"]
     n = min(meta["shard_size"], meta["num_samples"] - k * meta["shard_size"])
+    arrays = cached_arrays(os.path.dirname(folder), meta)
     problems = []
-    for name in names:
-        spec = meta["arrays"][name]
+    for name in names or arrays:
+        spec = arrays.get(name)
+        if spec is None:
+            problems.append(f"{name}.npy: missing")
+            continue
         shape = (n,) if name == "index" else (meta["views"], n, *spec["shape"])
         problem = npy_problem(os.path.join(folder, name + ".npy"), shape, spec["dtype"])
         problems += [f"{name}.npy: {problem}"] if problem else []
@@ -187,7 +198,7 @@ def file_sha256(path):
 def verify_shard(folder, meta, k):
     """(problems, has_checksums): every file of shard k read in full against its checksums.json, besides the cheap
     checks of shard_problems."""
-    problems = shard_problems(folder, meta, k, list(meta["arrays"]))
+    problems = shard_problems(folder, meta, k, None)  # every array
     path = os.path.join(folder, CHECKSUMS)
     if problems == ["missing"] or not os.path.isfile(path):
         return problems, False
