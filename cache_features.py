@@ -16,7 +16,7 @@ import util.dist as dist
 from data_stage2 import DataError, add_data_args, resolve_recipe
 from feature_cache import cache_split, verify_cache
 from stage1 import Stage1Error, add_stage1_args, build_stage1
-from util.checkpoint import FolderInUse, folder_lock
+from util.checkpoint import CheckpointError, folder_lock
 from util.misc import MODALITIES, in_canonical_order
 
 
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "cache_features.py", *[a for a in argv if a != "--repair"]])  # in meta.json: how to rebuild a damaged shard
+    # stored in meta.json: the command that rebuilds a damaged shard (with --repair)
+    args.command = shlex.join(["python", "cache_features.py", *[a for a in argv if a != "--repair"]])
     if args.cache_views < 0 or args.shard_size < 1 or args.batch_size < 1:
         parser.error("--cache_views must be >= 0, --shard_size and --batch_size >= 1")
     dist.resolve_device_args(parser, args)
@@ -73,7 +74,7 @@ def build_and_cache(args, device):
 
 
 def main(argv=None):
-    return dist.run_entry_point(run, parse_args(argv), [((Stage1Error, DataError, FolderInUse), 2, "error")])
+    return dist.run_entry_point(run, parse_args(argv), [((Stage1Error, DataError, CheckpointError), 2, "error")])
 
 
 if __name__ == "__main__":

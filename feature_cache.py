@@ -123,7 +123,8 @@ def shard_name(k):
 
 def reader_arrays(active):
     """Names of the arrays a reader of modalities `active` opens in each shard."""
-    return [f"{m}_{kind}" for m in active for kind in ("tokens", "global")] + (["text_padding"] if "text" in active else [])
+    names = [f"{m}_{kind}" for m in active for kind in ("tokens", "global")]
+    return names + (["text_padding"] if "text" in active else [])
 
 
 def npy_problem(path, shape, dtype):
@@ -461,7 +462,8 @@ def feature_arrays(feats, active):
     """[(array name, (b, ...) tensor, numpy dtype)]: what a shard stores of a batch of Stage 1 features."""
     out = []
     for m in active:
-        out += [(f"{m}_tokens", feats["tokens"][m], np.float16), (f"{m}_global", feats["global"][m].float(), np.float32)]
+        out += [(f"{m}_tokens", feats["tokens"][m], np.float16),
+                (f"{m}_global", feats["global"][m].float(), np.float32)]
     if "text" in feats["padding_mask"]:
         out.append(("text_padding", feats["padding_mask"]["text"], np.bool_))
     return out

@@ -224,7 +224,8 @@ def test_full_disk_is_refused_up_front_or_an_error_and_the_rerun_completes(ref_c
     assert os.listdir(os.path.join(out, "train")) == []
 
     # mid-write, the check bypassed: room for .lock, plan.json, two shards and a half
-    fs = tmpfs((shard_bytes(ref_cache, 0) + shard_bytes(ref_cache, 1) + 2 * 4096 + shard_bytes(ref_cache, 2) // 2) // 1024)
+    room = shard_bytes(ref_cache, 0) + shard_bytes(ref_cache, 1) + 2 * 4096 + shard_bytes(ref_cache, 2) // 2
+    fs = tmpfs(room // 1024)
     r = Run(argv + ["--skip_space_check"], os.path.join(os.path.dirname(fs), "logs_full"), script=CACHE)
     rc = r.wait(timeout=120)
     assert rc == 2, r.tail()  # not -7 (SIGBUS) nor 135

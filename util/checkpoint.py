@@ -360,16 +360,23 @@ class FolderLock:
     NAME = ".lock"
 
     def __init__(self, folder, flag):
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, self.NAME)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"{flag} {folder}: cannot create its lock file {path} ({e.strerror})") from None
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
             holder = self.holder()
             os.close(self.fd)
             raise FolderInUse(f"{flag} {folder}: in use by another run ({holder}, lock {path}); wait for it to end "
                               f"or choose another {flag}") from None
+        except OSError as e:
+            os.close(self.fd)
+            raise CheckpointError(f"{flag} {folder}: cannot lock {path} ({e.strerror}; a file system without "
+                                  f"POSIX locks?)") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
 
@@ -389,17 +396,17 @@ class FolderLock:
 
 @contextlib.contextmanager
 def folder_lock(folder, flag):
-    """Every rank: rank 0 holds FolderLock(folder) for the block (one process per run takes it); when another run holds
-    it, every rank raises the same FolderInUse (call after util.dist.init_distributed)."""
+    """Every rank: rank 0 holds FolderLock(folder) for the block (one process per run takes it); when it cannot (another
+    run holds it), every rank raises the same error (call after util.dist.init_distributed)."""
     lock, error = None, None
     if dist.is_main():
         try:
             lock = FolderLock(folder, flag)
-        except FolderInUse as e:
-            error = str(e)
+        except CheckpointError as e:
+            error = e
     error = dist.all_gather_object(error)[0]
     if error:
-        raise FolderInUse(error)
+        raise error
     try:
         yield
     finally:
