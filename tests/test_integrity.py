@@ -289,15 +289,18 @@ def copy_cache(ref_cache, where):
     return str(where)
 
 
-@pytest.mark.parametrize("shard", [1, 2, 3])
-def test_training_refuses_a_damaged_shard_in_one_line(shard, ref_cache, tiny_stage1_files, small_tvl, tmp_path):
+@pytest.mark.parametrize("shard,nproc", [(1, 1), (2, 2), (3, 1)])
+def test_training_refuses_a_damaged_shard_in_one_line(shard, nproc, ref_cache, tiny_stage1_files, small_tvl,
+                                                      tmp_path):
     cache = copy_cache(ref_cache, tmp_path / "cache")
     damage, says = DAMAGE[shard]
     damage(os.path.join(cache, "train", FC.shard_name(shard)))
     r = Run(train_flags(tiny_stage1_files, small_tvl, tmp_path / "out", "--feature_cache", cache, *VT),
-            tmp_path / "out", nproc=1)
-    assert r.wait(timeout=120) == 2, r.tail()
-    line = one_error_line(r)
+            tmp_path / "out", nproc=nproc)
+    assert r.wait(timeout=120) == (2 if nproc == 1 else 1), r.tail()
+    if nproc == 2:  # torchrun exits 1 for a failed child; each rank exited 2
+        assert set(re.findall(r"exitcode\s*: (-?\d+)", r.stderr())) == {"2"}, r.tail()
+    line = one_error_line(r, nproc)
     command = json.load(open(os.path.join(cache, "train", "meta.json")))["command"]
     assert line.startswith(f"error: --feature_cache {cache}: train/{FC.shard_name(shard)} is damaged ({says}"), line
     assert line.endswith(f"; rebuild them with: {command} --repair"), line
