@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from feature_cache import build_cached_dataset
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
-from util.checkpoint import CheckpointError, CheckpointWriteError, Preempted, RunFiles
+from util.checkpoint import CheckpointError, CheckpointWriteError, Preempted, RunFiles, folder_lock
 from tools.demo import apply_demo_defaults, prepare_demo, print_demo_summary
 from util.misc import MODALITIES, headline_keys, in_canonical_order
 
@@ -355,6 +356,14 @@ def log_epoch(files, args, state, train_stats, metrics, artifacts, seconds):
 
 
 def run(args):
+    """The run holds --output_dir's lock for its whole life, taken before anything is written there (a second launch
+    into it ends at once, exit 2); --check_data writes nothing and takes none."""
+    dist.init_distributed(args.device)  # the process group first: rank 0 alone takes the lock
+    with nullcontext() if args.check_data else folder_lock(args.output_dir, "--output_dir"):
+        return run_locked(args)
+
+
+def run_locked(args):
     setup(args)
     if args.check_data:
         return check_data(args, ("train", "val"), args.active_modality_names)
