@@ -324,7 +324,8 @@ class Stage2Loss(nn.Module):
                 raise ValueError("complementary_residual_weight > 0 needs RegisterModule(residual_dims=...)")
             total = total + self.residual_weight * self.per_modality(
                 "residual", {m: residual_term(p, out["global"][m], masks) for m, p in out["residual"].items()}, terms)
-        comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}  # (B, E)
+        if self.difference_weight > 0 or self.view_weight > 0:
+            comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}  # (B, E)
         if self.difference_weight > 0:
             total = total + self.difference_weight * self.per_modality(
                 "difference", {m: difference_term(shared[m], comp[m], masks) for m in registers}, terms)
