@@ -51,7 +51,7 @@ trap 'stop USR1' USR1
 
 ${LAUNCHER:-} torchrun "${LAUNCH[@]}" --nproc_per_node="$NGPUS" main_train_stage2.py --stage1_checkpoint "$STAGE1" \
     --batch_size 64 --epochs 100 --num_register_tokens 4 --num_overlapping_tokens 3 \
-    --nested_dropout_rate 0.5 --complementary_reg_weight 0.01 --output_dir "$OUT" \
+    --output_dir "$OUT" \
     --datasets_dir "$DATA" --datasets ssvtp hct --num_workers 8 --resume auto "$@" &
 pid=$!
 [ -n "$stopped" ] && kill -s "$STOP_SIGNAL" "$pid" 2>/dev/null  # signalled before torchrun started
