@@ -23,11 +23,21 @@ WEIGHT_ATOL = 1e-5
 
 
 def key_bias_slices(state):
-    """The key half of every attention's kv.bias: adding a constant to all keys of a query leaves the softmax
+    """Entries whose true gradient is exactly 0, by slice. The key half of every attention's kv.bias: adding a constant to all keys of a query leaves the softmax
     unchanged, so its true gradient is exactly 0 and what autograd returns is float rounding (~1e-10). AdamW divides
     that by its own running RMS, i.e. moves these entries by about +-lr per step in a direction set by rounding alone:
     eager and compiled runs legitimately differ there by up to a few lr. They are left out of the weight comparison."""
-    return {k: slice(0, v.shape[0] // 2) for k, v in state.items() if k.endswith("attn.kv.bias")}
+    skip = {k: slice(0, v.shape[0] // 2) for k, v in state.items() if k.endswith("attn.kv.bias")}
+    # The same for the whole query and the key half of the complementary pathway's self-attention when it holds one
+    # token (the default objective's separate pathway, K - K_o = 1): a softmax over one key is 1 whatever q and k are.
+    if "comp_tokens" in state and state["comp_tokens"].shape[0] == 1:
+        for k, v in state.items():
+            if k.startswith("comp_blocks.") and ".self_attn." in k:
+                if ".self_attn.q." in k:
+                    skip[k] = slice(None)
+                elif ".self_attn.kv." in k:
+                    skip[k] = slice(0, v.shape[0] // 2)
+    return skip
 
 
 def flags(files, data, out, extra=()):

@@ -85,7 +85,8 @@ def test_objective_separate_trains_from_a_cache_resumes_bitwise_and_embeds(view_
     # a checkpoint of a run from before these flags existed (its args lack them) loads with the original objective
     old_args = {k: v for k, v in ckpt["args"].items() if k not in NEW_OBJECTIVE_FLAGS}
     old_args["complementary_residual_weight"] = 0.0
-    mission = M.parse_args(stage1_flags(tiny_stage1_files) + TINY_REGISTERS + ["--device", "cpu"])
+    mission = M.parse_args(stage1_flags(tiny_stage1_files) + TINY_REGISTERS + ["--device", "cpu",
+                                                                            "--objective", "mission"])
     torch.save(dict(ckpt, args=old_args, model=M.build_model(mission, model.stage1).trainable_state_dict()),
                tmp_path / "old.pth")
     model, args = embed_stage2.load_stage2(str(tmp_path / "old.pth"))

@@ -406,7 +406,7 @@ def folder_lock(folder, flag):
             error = e
     error = dist.all_gather_object(error)[0]
     if error:
-        raise error
+        raise dist.together(error)
     try:
         yield
     finally:

@@ -1,4 +1,5 @@
 """torchrun / DDP helpers. One process per device; a single process is world size 1 (no process group)."""
+import contextlib
 import datetime
 import os
 import signal
@@ -116,7 +117,14 @@ def raise_together(error, elsewhere):
     """Every rank raises when any rank has an `error` (an exception or None): its own, or `elsewhere` (the one to
     raise where this rank was fine). One rank alone raising would leave the others waiting in a collective."""
     if any_rank(error is not None):
-        raise error or elsewhere
+        raise together(error or elsewhere)
+
+
+def together(error):
+    """Marks an exception that every rank raises at the same point, so run_entry_point lets the ranks leave together
+    (finish_together) instead of one tearing the process group down under another."""
+    error.raised_together = True
+    return error
 
 
 def all_gather_object(obj):
@@ -191,6 +199,11 @@ def run_entry_point(run, args, outcomes):
                 # on a shared unbuffered stderr
                 sys.stderr.write(f"{label}: {exception_message(e)}\n")
                 sys.stderr.flush()
+                if getattr(e, "raised_together", False):
+                    # Every rank is here: leave together, as on success (a rank tearing gloo down while another
+                    # still used it aborted with SIGABRT, seen with two launches into one folder under load).
+                    with contextlib.suppress(Exception):
+                        finish_together(timeout_s=30)
                 return code
         raise
     finally:
