@@ -1,9 +1,13 @@
 """Stage 2 objective (DDP-exact contrastive loss + complementary terms) and retrieval metrics.
 
 Notation: registers (B, K, E) per modality, the first K_o overlapping, the rest complementary; keep (B, K) the
-nested-dropout prefix mask; shared = mean of the kept overlapping tokens (before normalisation). Total loss:
+nested-dropout prefix mask; shared = mean of the kept overlapping tokens (before normalisation); c = a kept
+complementary token, comp = the mean of a sample's kept complementary tokens. Total loss:
 
-    contrastive                      mean over modality pairs of the symmetric CLIP loss on normalised shared
+    contrastive                      mean over modality pairs of the symmetric CLIP loss on normalised shared;
+                                     with contrastive_prefixes "all" (Matryoshka Representation Learning), its
+                                     mean over k = 1..K_o of the loss on the normalised mean of the kept tokens
+                                     among the first k (a sample that kept fewer pools those it kept)
   + reg_weight * (l2 + diversity)    each of the two only when named in `complementary_reg_terms`:
         l2         mean over kept complementary tokens c of |c|^2 ("sum", grows with E) or |c|^2 / E ("mean")
         diversity  mean over kept c of cos(c, shared of its sample)^2 + mean over kept pairs of tokens of
@@ -11,17 +15,26 @@ nested-dropout prefix mask; shared = mean of the kept overlapping tokens (before
   + recon_weight * recon             mean over samples of 1 - cos(decoder(all K tokens, dropped ones zeroed),
                                      Stage 1 global embedding): the overlapping tokens can carry it alone
   + residual_weight * residual       mean over samples with a kept complementary token of
-                                     1 - cos(decoder([stop-gradient shared, mean of kept c]), Stage 1 global
-                                     embedding): the overlapping outputs get no gradient from it (the shared
-                                     register blocks do, through c), so only the complementary tokens can
-                                     supply what shared lacks
+                                     1 - cos(decoder([stop-gradient shared, comp]), Stage 1 global embedding):
+                                     the overlapping outputs get no gradient from it (the shared register blocks
+                                     do, through c), so only the complementary tokens can supply what shared lacks.
+                                     Residual source "partner": shared of each other modality instead, the term
+                                     averaged over them (the partner never saw this modality's specific factors)
+  + difference_weight * difference   Domain Separation Networks' batch-level difference loss
+                                     ||S~^T C~||_F^2 / n^2 over the n samples of the global batch with a kept
+                                     complementary token, S~ / C~ their detached shared / comp, each column
+                                     standardised over those n rows: the sum of squared correlations between the
+                                     codes' coordinates, so comp cannot linearly encode what shared holds
 
 Each complementary term is the mean over modalities of the per-modality term (all logged on their own) and is
 exactly 0 (never NaN) where nothing it averages over was kept; l2 and diversity are logged even when off. The
 recon / residual decoders are per-modality linear maps in the RegisterModule, made only when their weight is > 0.
+With the RegisterModule's separate complementary pathway, no complementary term reaches a parameter the
+overlapping tokens depend on (the recon decoder then reads the overlapping tokens stop-gradient too).
 Under DDP each rank returns a loss whose mean over ranks equals the single-process loss on the global batch,
 and whose gradient, averaged by DDP, equals the single-process gradient (gather with gradient, local rows
-against all columns, masked means normalised by global counts).
+against all columns, masked means normalised by global counts; the difference term, which needs the global
+batch's column statistics, is computed whole on every rank from the gathered batch).
 """
 import torch
 import torch.distributed.nn.functional as dist_fn
@@ -57,9 +70,10 @@ def masked_mean(tokens, keep):
 
 
 def complementary_masks(keep):
-    """What complementary_terms needs from the keep mask alone, the same for every modality (so computed once a
+    """What the complementary terms need from the keep mask alone, the same for every modality (so computed once a
     step: one all-gather, one all-reduce). keep bool (B, J) -> {"mask": (B*J,), "pairs": (B*J, W*B*J) kept tokens
-    of different samples, local rows against all columns, "n_kept", "n_pairs": global counts, at least 1}."""
+    of different samples, local rows against all columns, "samples": (B,) / "all_samples": (W*B,) samples with a
+    kept token, this rank's / the global batch's, "n_kept", "n_pairs", "n_samples": global counts, at least 1}."""
     world, rank = get_world_size(), get_rank()
     B, J = keep.shape
     mask = keep.reshape(B * J)
@@ -68,9 +82,10 @@ def complementary_masks(keep):
     all_mask = all_gather_cat(mask.to(torch.uint8)).bool()  # gloo: no bool
     pairs = mask[:, None] & all_mask[None, :] & (sample[:, None] != all_sample[None, :])
     samples = keep.any(dim=1)
+    all_samples = all_mask.reshape(world * B, J).any(dim=1)  # (W*B,) the global batch's samples with a kept token
     n_kept, n_pairs, n_samples = all_reduce_sum(torch.stack([mask.sum(), pairs.sum(), samples.sum()])).clamp(min=1)
-    return {"mask": mask, "pairs": pairs, "samples": samples, "n_kept": n_kept, "n_pairs": n_pairs,
-            "n_samples": n_samples}
+    return {"mask": mask, "pairs": pairs, "samples": samples, "all_samples": all_samples, "n_kept": n_kept,
+            "n_pairs": n_pairs, "n_samples": n_samples}
 
 
 def complementary_terms(comp, keep, shared, masks=None, l2="sum"):
@@ -107,11 +122,42 @@ def complementary_terms(comp, keep, shared, masks=None, l2="sum"):
 
 def residual_term(pred, target, masks):
     """1 - cos(pred, target) averaged over the global batch's samples with a kept complementary token; exactly 0
-    when there is none. pred (B, E_m) the residual decoder's output, target (B, E_m) Stage 1 global embedding,
-    masks: complementary_masks of the complementary keep mask."""
-    cos = F.cosine_similarity(pred, target.to(pred.dtype), dim=-1)  # (B,)
+    when there is none. pred (B, E_m) the residual decoder's output, or (P, B, E_m) one per partner modality
+    (averaged over them), target (B, E_m) Stage 1 global embedding, masks: complementary_masks of the
+    complementary keep mask."""
+    cos = F.cosine_similarity(pred, target.to(pred.dtype).expand_as(pred), dim=-1)  # (B,) or (P, B)
+    cos = cos.reshape(-1, cos.shape[-1]).mean(dim=0)  # (B,): mean over the partners
     miss = torch.where(masks["samples"], 1 - cos, torch.zeros_like(cos))  # where(): a dropped row adds exactly 0
     return get_world_size() * miss.sum() / masks["n_samples"]
+
+
+def standardise(x, rows, n, eps=1e-6):
+    """(N, E) -> each column minus its mean, over its std (biased, + eps inside the root), both over the rows
+    selected by bool (N,) `rows` (n of them, at least 1); unselected rows become exactly 0."""
+    x = torch.where(rows[:, None], x, torch.zeros_like(x))
+    mean = x.sum(dim=0) / n
+    centred = torch.where(rows[:, None], x - mean, torch.zeros_like(x))
+    return centred / (centred.pow(2).sum(dim=0) / n + eps).sqrt()
+
+
+def difference_term(shared, comp, masks):
+    """Domain Separation Networks' difference loss at batch level: ||S~^T C~||_F^2 / n^2, where S~ and C~ are the
+    (n, E) shared embeddings and complementary tokens of the global batch's n samples with a kept complementary
+    token, each column standardised over those n rows (so the term is the sum over every pair of coordinates of
+    their squared correlation over the batch; independent features still give about E^2 / n, the finite-batch
+    floor). Exactly 0 when no sample has a kept complementary token.
+
+    shared (B, E) pooled overlapping embedding (before normalisation), comp (B, E) mean of each sample's kept
+    complementary tokens, masks: complementary_masks of the complementary keep mask. Unlike DSN, where both
+    codes get the gradient, `shared` is detached (as in the diversity term): the term steers only the
+    complementary tokens, the shared embedding answers to the contrastive loss alone.
+    DDP: every rank computes the global value from the gathered batch (comp gathered with gradient), so the mean
+    over ranks is the global value and DDP's averaged gradient the global gradient.
+    """
+    rows, n = masks["all_samples"], masks["n_samples"]
+    s = standardise(all_gather_cat(shared.detach().float()), rows, n)  # (W*B, E)
+    c = standardise(gather_with_grad(comp.float()), rows, n)
+    return (s.T @ c / n).pow(2).sum()
 
 
 def topk_hits(sim, k):
@@ -187,40 +233,36 @@ class Stage2Loss(nn.Module):
 
     complementary_reg_terms: which of "l2", "diversity" enter the loss (both are logged either way);
     complementary_l2: "sum" or "mean" (see complementary_terms); the recon / residual terms need the matching
-    RegisterModule decoders (recon_dims / residual_dims). The defaults are the original objective.
+    RegisterModule decoders (recon_dims / residual_dims); contrastive_prefixes: "full" (the contrastive loss on the
+    K_o overlapping tokens) or "all" (its mean over the prefixes k = 1..K_o); complementary_difference_weight: the
+    batch-level difference term (difference_term). The defaults are the original objective.
     """
 
     def __init__(self, num_overlapping, complementary_reg_weight=0.0, complementary_recon_weight=0.0,
                  complementary_reg_terms=("l2", "diversity"), complementary_l2="sum",
-                 complementary_residual_weight=0.0):
+                 complementary_residual_weight=0.0, contrastive_prefixes="full", complementary_difference_weight=0.0):
         super().__init__()
         if not set(complementary_reg_terms) <= {"l2", "diversity"}:
             raise ValueError(f"complementary_reg_terms must be among 'l2', 'diversity', got {complementary_reg_terms}")
         if complementary_l2 not in ("sum", "mean"):
             raise ValueError(f"complementary_l2 must be 'sum' or 'mean', got {complementary_l2!r}")
+        if contrastive_prefixes not in ("full", "all"):
+            raise ValueError(f"contrastive_prefixes must be 'full' or 'all', got {contrastive_prefixes!r}")
         self.num_overlapping = num_overlapping
         self.reg_weight, self.recon_weight = complementary_reg_weight, complementary_recon_weight
         self.reg_terms, self.l2 = tuple(complementary_reg_terms), complementary_l2
         self.residual_weight = complementary_residual_weight
+        self.difference_weight = complementary_difference_weight
+        # "all": Matryoshka Representation Learning's every-prefix loss (unweighted mean over k)
+        self.prefixes = range(1, num_overlapping + 1) if contrastive_prefixes == "all" else [num_overlapping]
 
     def forward(self, out):
         """out: the FluxTalk dict -> (total loss, {name: detached 0-d tensor})."""
-        registers, keep, scale = out["registers"], out["keep"], out["logit_scale"]
+        registers, keep = out["registers"], out["keep"]
         K_o = self.num_overlapping
         shared = {m: masked_mean(r[:, :K_o], keep[:, :K_o]) for m, r in registers.items()}  # (B, E)
-        z = {m: F.normalize(s, dim=-1) for m, s in shared.items()}
-        gathered = {m: gather_with_grad(v) for m, v in z.items()}  # one all-gather per modality, not per pair
-        terms, contrastive = {}, []
-        for a, b in modality_pairs(registers):
-            name = pair_name(a, b)
-            loss = contrastive_loss(z[a], z[b], scale, gathered[a], gathered[b])
-            contrastive.append(loss)
-            terms[f"contrastive_{name}"] = loss.detach()
-            with torch.no_grad():  # stays on the device: no host sync per step
-                sim = z[a] @ z[b].T
-                hits = torch.cat([topk_hits(sim, 1), topk_hits(sim.T, 1)])
-            terms[f"r1_{name}"] = 100.0 * hits.float().mean()
-        total = terms["contrastive"] = torch.stack(contrastive).mean()
+        terms = {}
+        total = terms["contrastive"] = self.contrastive(registers, keep, shared, out["logit_scale"], terms)
         masks = complementary_masks(keep[:, K_o:])
         l2, div = [], []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.reg_weight > 0):  # logged even at weight 0
@@ -249,14 +291,53 @@ class Stage2Loss(nn.Module):
         if self.residual_weight > 0:
             if "residual" not in out:
                 raise ValueError("complementary_residual_weight > 0 needs RegisterModule(residual_dims=...)")
-            per_m = []
-            for m, pred in out["residual"].items():
-                loss = residual_term(pred, out["global"][m], masks)
-                terms[f"residual_{m}"] = loss.detach()
-                per_m.append(loss)
-            residual = torch.stack(per_m).mean()
-            terms["residual"] = residual.detach()
-            total = total + self.residual_weight * residual
-        terms["logit_scale"] = scale.detach()
+            total = total + self.residual_weight * self.per_modality(
+                "residual", {m: residual_term(p, out["global"][m], masks) for m, p in out["residual"].items()}, terms)
+        if self.difference_weight > 0:
+            comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}
+            total = total + self.difference_weight * self.per_modality(
+                "difference", {m: difference_term(shared[m], comp[m], masks) for m in registers}, terms)
+        terms["logit_scale"] = out["logit_scale"].detach()
         terms["loss"] = total.detach()
         return total, terms
+
+    @staticmethod
+    def per_modality(name, losses, terms):
+        """{m: 0-d loss} -> their mean; each logged as <name>_<m>, the mean as <name>."""
+        for m, loss in losses.items():
+            terms[f"{name}_{m}"] = loss.detach()
+        mean = torch.stack(list(losses.values())).mean()
+        terms[name] = mean.detach()
+        return mean
+
+    def contrastive(self, registers, keep, shared, scale, terms):
+        """Mean over modality pairs (and, with contrastive_prefixes "all", over the prefixes k = 1..K_o, each on the
+        normalised masked mean of the kept tokens among the first k: a sample whose kept prefix is shorter than k
+        pools the tokens it kept, as the full embedding does) of the CLIP loss. Logs each pair's loss
+        (contrastive_<pair>), each prefix's mean over pairs (contrastive_prefix<k>, "all" only), and each pair's
+        Recall@1 within the batch on the full embedding (r1_<pair>)."""
+        per_pair = {}
+        for k in self.prefixes:
+            full = k == self.num_overlapping
+            pooled = shared if full else {m: masked_mean(r[:, :k], keep[:, :k]) for m, r in registers.items()}
+            z = {m: F.normalize(s, dim=-1) for m, s in pooled.items()}
+            gathered = {m: gather_with_grad(v) for m, v in z.items()}  # one all-gather per modality, not per pair
+            at_k = []
+            for a, b in modality_pairs(registers):
+                name = pair_name(a, b)
+                loss = contrastive_loss(z[a], z[b], scale, gathered[a], gathered[b])
+                per_pair.setdefault(name, []).append(loss)
+                at_k.append(loss)
+                if full:
+                    with torch.no_grad():  # stays on the device: no host sync per step
+                        sim = z[a] @ z[b].T
+                        hits = torch.cat([topk_hits(sim, 1), topk_hits(sim.T, 1)])
+                    terms[f"r1_{name}"] = 100.0 * hits.float().mean()
+            if len(self.prefixes) > 1:
+                terms[f"contrastive_prefix{k}"] = torch.stack(at_k).detach().mean()
+        contrastive = []
+        for name, losses in per_pair.items():
+            loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            terms[f"contrastive_{name}"] = loss.detach()
+            contrastive.append(loss)
+        return torch.stack(contrastive).mean()

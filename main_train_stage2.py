@@ -116,6 +116,27 @@ def get_args_parser():
                    help="weight of the residual term: decode the Stage 1 global embedding from the stop-gradient "
                         "overlapping embedding + the complementary token, so only the latter can add what the "
                         "former lacks (0: off)")
+    g.add_argument("--complementary_residual_source", default="own", choices=["own", "partner"],
+                   help="the residual term's shared embedding: the modality's own, or (partner) each other "
+                        "modality's, averaged over them: the partner never saw the modality's specific factors, so "
+                        "only its complementary token can supply them")
+    g.add_argument("--complementary_difference_weight", default=0.0, type=non_negative_float,
+                   help="weight of Domain Separation Networks' batch-level difference term: the squared "
+                        "correlations over the batch between the (detached) shared embedding and the complementary "
+                        "token (0: off)")
+    g.add_argument("--complementary_pathway", default="shared", choices=["shared", "separate"],
+                   help="separate: the complementary tokens get their own tokens, blocks, norm and head and read a "
+                        "stop-gradient copy of the context, so no complementary objective changes the overlapping "
+                        "tokens")
+    g.add_argument("--contrastive_prefixes", default="full", choices=["full", "all"],
+                   help="all: the contrastive loss is the mean of its values on the first k overlapping tokens, "
+                        "k = 1..K_o (Matryoshka Representation Learning), an ordering without nested dropout")
+    g.add_argument("--objective", default="mission", choices=["mission", "separate", "custom"],
+                   help="preset of the objective flags above (an explicit flag still wins): mission = the "
+                        "original loss (shared pathway, nested dropout 0.5, reg weight 0.01 on L2 (sum) + "
+                        "diversity, full contrastive, no other term); separate = separate pathway + partner "
+                        "residual (weight 1) + all-prefix contrastive loss, nested dropout 0; custom = no preset, "
+                        "each flag's own default")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", default=64, type=positive_int, help="per-GPU batch size")
@@ -134,8 +155,21 @@ def get_args_parser():
     return p
 
 
+# --objective presets: argparse defaults, so an explicit flag still overrides them.
+MISSION = dict(complementary_pathway="shared", complementary_reg_weight=0.01,
+               complementary_reg_terms=["l2", "diversity"], complementary_l2="sum", complementary_recon_weight=0.0,
+               complementary_residual_weight=0.0, complementary_residual_source="own",
+               complementary_difference_weight=0.0, contrastive_prefixes="full", nested_dropout_rate=0.5)
+PRESETS = {"mission": MISSION, "custom": {},
+           "separate": dict(MISSION, complementary_pathway="separate", complementary_residual_weight=1.0,
+                            complementary_residual_source="partner", contrastive_prefixes="all",
+                            nested_dropout_rate=0.0)}
+
+
 def parse_args(argv=None):
     parser = get_args_parser()
+    preset, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[preset.objective])
     args = parser.parse_args(argv)
     if len(set(args.active_modality_names)) < 2:
         parser.error("--active_modality_names: need two or more distinct modalities")
@@ -145,6 +179,9 @@ def parse_args(argv=None):
     if args.register_width % args.register_heads:
         parser.error(f"--register_width ({args.register_width}) must be divisible by --register_heads "
                      f"({args.register_heads})")
+    if args.complementary_pathway == "separate" and not complementary_objective(args):
+        parser.error("--complementary_pathway separate: no complementary objective is on (--complementary_reg_weight, "
+                     "_recon_weight, _residual_weight, _difference_weight all 0): its pathway would train on nothing")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
     if args.check_data and args.feature_cache:
@@ -158,15 +195,20 @@ def parse_args(argv=None):
     return args
 
 
+def complementary_objective(args):
+    """Whether any loss term trains the complementary tokens."""
+    return any(getattr(args, f"complementary_{t}_weight") > 0 for t in ("reg", "recon", "residual", "difference"))
+
+
 # ------------------------------------------------------------------------------------------------ building
 
 def param_groups(module, weight_decay):
-    """No weight decay on norms, biases, register tokens or the logit scale (as MAE/OpenCLIP)."""
+    """No weight decay on norms, biases, register tokens (both pathways') or the logit scale (as MAE/OpenCLIP)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim <= 1 or name in ("register_tokens", "logit_scale")
+        exempt = p.ndim <= 1 or name in ("register_tokens", "comp_tokens", "logit_scale")
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -232,13 +274,15 @@ def build_model(args, stage1):
         num_heads=args.register_heads, mlp_ratio=args.mlp_ratio, attn_dropout=args.attn_dropout,
         logit_scale_init=stage1.logit_scale,
         recon_dims=targets if args.complementary_recon_weight else None,
-        residual_dims=targets if args.complementary_residual_weight else None)
+        residual_dims=targets if args.complementary_residual_weight else None,
+        complementary_pathway=args.complementary_pathway, residual_source=args.complementary_residual_source)
     return FluxTalk(stage1, registers)
 
 
 def build_criterion(args):
     return Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight, args.complementary_recon_weight,
-                      args.complementary_reg_terms, args.complementary_l2, args.complementary_residual_weight)
+                      args.complementary_reg_terms, args.complementary_l2, args.complementary_residual_weight,
+                      args.contrastive_prefixes, args.complementary_difference_weight)
 
 
 # --------------------------------------------------------------------------------------------------- logging

@@ -3,6 +3,12 @@
 The register module is the only trainable part (DDP wraps only it); FluxTalk puts the frozen Stage 1 in front.
 Shapes: B batch, K register tokens (first K_o overlapping), D register width, N_m/C_m context length/width
 of modality m, E output embedding dim.
+
+Complementary pathway (RegisterModule's complementary_pathway): "shared" runs all K tokens through one set of
+blocks, so every objective on the complementary tokens also reshapes what the overlapping tokens compute;
+"separate" gives the K - K_o complementary tokens their own tokens, blocks, norm and head over a stop-gradient
+copy of the adapted context. Either way the output is (B, K, E) per modality, the keep mask (B, K) covers all K
+tokens, and a dropped complementary token counts in no term.
 """
 import math
 
@@ -35,14 +41,27 @@ def nested_dropout_mask(batch_size, num_tokens, rate, generator=None, device=Non
     return positions[None, :] < length.to(positions.device)[:, None]
 
 
-def residual_input(registers, keep, num_overlapping):
+def residual_input(registers, keep, num_overlapping, partner=None):
     """(B, K, E) registers of one modality, bool (B, K) keep -> (B, 2E) input of its residual decoder:
     [stop-gradient mean of the kept overlapping tokens (the contrastive loss's embedding, before normalisation),
     mean of the kept complementary tokens (zeros where none is kept)]. The stop-gradient leaves the shared part
-    to the contrastive loss, so only the complementary tokens can add what it lacks."""
+    to the contrastive loss, so only the complementary tokens can add what it lacks.
+    partner: another modality's (B, K, E) registers whose overlapping tokens give the shared half instead (the
+    cross-modal residual: the partner never saw this modality's specific factors, so only this modality's
+    complementary tokens can supply them)."""
     K_o = num_overlapping
-    shared = masked_mean(registers[:, :K_o], keep[:, :K_o]).detach()
+    source = registers if partner is None else partner
+    shared = masked_mean(source[:, :K_o], keep[:, :K_o]).detach()
     return torch.cat([shared, masked_mean(registers[:, K_o:], keep[:, K_o:])], dim=-1)
+
+
+def residual_inputs(registers, keep, num_overlapping, source="own"):
+    """{m: (B, K, E)} -> {m: input of m's residual decoder}: (B, 2E) from m's own shared embedding ("own"), or
+    (P, B, 2E) from each of the P other modalities' ("partner"; the loss averages over them)."""
+    if source == "own":
+        return {m: residual_input(r, keep, num_overlapping) for m, r in registers.items()}
+    return {m: torch.stack([residual_input(r, keep, num_overlapping, registers[p]) for p in registers if p != m])
+            for m, r in registers.items()}
 
 
 class Attention(nn.Module):
@@ -87,17 +106,32 @@ class Block(nn.Module):
 
 class RegisterModule(nn.Module):
     """Everything that trains: register tokens, per-modality adapters, blocks, norm + projection,
-    the log logit scale and the optional recon / residual decoders."""
+    the log logit scale and the optional recon / residual decoders.
+
+    complementary_pathway "shared": all K tokens run through the same blocks, norm and head. "separate": the
+    K - K_o complementary tokens get their own tokens, blocks (same depth and heads), final norm and head, and read
+    a stop-gradient copy of the adapted context (Domain Separation Networks' private encoder); the overlapping tokens
+    run through the original blocks alone, so, the self-attention being causal, their outputs are those of a shared
+    module with the same weights, and no complementary objective reaches the parameters they depend on.
+    residual_source "own" | "partner": which modality's shared embedding the residual decoders read
+    (residual_inputs)."""
 
     def __init__(self, feature_dims, embed_dim, num_tokens=4, num_overlapping=3, width=256, depth=2,
                  num_heads=4, mlp_ratio=4.0, attn_dropout=0.0, logit_scale_init=None, recon_dims=None,
-                 residual_dims=None):
+                 residual_dims=None, complementary_pathway="shared", residual_source="own"):
         super().__init__()
         if not 1 <= num_overlapping <= num_tokens:
             raise ValueError(f"num_overlapping must be in 1..num_tokens={num_tokens}, got {num_overlapping}")
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if complementary_pathway not in ("shared", "separate"):
+            raise ValueError(f"complementary_pathway must be 'shared' or 'separate', got {complementary_pathway!r}")
+        if residual_source not in ("own", "partner"):
+            raise ValueError(f"residual_source must be 'own' or 'partner', got {residual_source!r}")
+        if residual_source == "partner" and residual_dims and len(feature_dims) < 2:
+            raise ValueError("residual_source 'partner' needs two or more modalities")
         self.num_tokens, self.num_overlapping = num_tokens, num_overlapping
+        self.separate, self.residual_source = complementary_pathway == "separate", residual_source
         self.nested_dropout_rate = 0.0  # set by the engine every step (linear warm-up schedule)
         self.register_tokens = nn.Parameter(torch.empty(num_tokens, width))  # (K, D), shared by all modalities
         self.adapters = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(c), nn.Linear(c, width))
@@ -119,6 +153,17 @@ class RegisterModule(nn.Module):
             {m: nn.Linear(2 * embed_dim, e) for m, e in residual_dims.items()})
         if self.residual is not None:
             self.residual.apply(self._init_weights)
+        if self.separate:
+            # Last, for the same reason. The complementary tokens are split off the (K, D) draw above, so both
+            # pathways start from the values a shared module starts from; (K - K_o, D) and (K_o, D) afterwards.
+            drawn = self.register_tokens.detach()
+            self.register_tokens = nn.Parameter(drawn[:num_overlapping].clone())
+            self.comp_tokens = nn.Parameter(drawn[num_overlapping:].clone())
+            self.comp_blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, attn_dropout) for _ in range(depth)])
+            self.comp_norm = nn.LayerNorm(width)
+            self.comp_head = nn.Linear(width, embed_dim)
+            for part in (self.comp_blocks, self.comp_norm, self.comp_head):
+                part.apply(self._init_weights)
 
     @torch.no_grad()
     def clamp_logit_scale(self):
@@ -141,11 +186,22 @@ class RegisterModule(nn.Module):
             # meaningless but finite). Cannot happen for text: the SOT/EOT tokens are never padding.
             attend = attend | ~attend.any(dim=1, keepdim=True)
             attn_mask = attend[:, None, None, :]  # (B, 1, 1, N)
-        # A stride-0 view of the (K, D) parameter: no per-sample or per-modality copy of the registers.
-        x = self.register_tokens.expand(features.shape[0], -1, -1)
-        for blk in self.blocks:
+        out = self.pathway(self.register_tokens, self.blocks, self.norm, self.head, context, attn_mask)
+        if self.separate:  # the stop-gradient context: no complementary gradient reaches the adapters
+            comp = self.pathway(self.comp_tokens, self.comp_blocks, self.comp_norm, self.comp_head, context.detach(),
+                                attn_mask)
+            out = torch.cat([out, comp], dim=1)  # (B, K_o + K - K_o, E)
+        return out
+
+    @staticmethod
+    def pathway(tokens, blocks, norm, head, context, attn_mask):
+        """(T, D) register tokens through the blocks (causal among themselves, reading the (B, N, D) context),
+        the final norm and the head -> (B, T, E)."""
+        # A stride-0 view of the parameter: no per-sample or per-modality copy of the registers.
+        x = tokens.expand(context.shape[0], -1, -1)
+        for blk in blocks:
             x = blk(x, context, attn_mask)
-        return self.head(self.norm(x))
+        return head(norm(x))
 
     def keep_mask(self, batch_size, generator=None):
         """(B, K) keep mask: a nested dropout draw in training (one per sample, shared by all its modalities),
@@ -156,7 +212,8 @@ class RegisterModule(nn.Module):
     def forward(self, tokens, padding_mask=None, keep=None, generator=None):
         """tokens {m: (B, N_m, C_m)}, padding_mask {m: bool (B, N_m), True = padded} -> {"registers": {m: (B, K, E)}
         every token (dropped ones too; `keep` says which count), "keep": bool (B, K), "logit_scale": 0-d, and, with
-        their decoders, "recon" / "residual": {m: (B, E_m)} predictions of Stage 1's global embedding}."""
+        their decoders, "recon" / "residual": {m: (B, E_m)} predictions of Stage 1's global embedding ("residual"
+        with residual_source "partner": (P, B, E_m), one per other modality)}."""
         padding_mask = padding_mask or {}
         if keep is None:
             keep = self.keep_mask(next(iter(tokens.values())).shape[0], generator)
@@ -165,11 +222,15 @@ class RegisterModule(nn.Module):
         # that starts there; clamp_logit_scale bounds the parameter itself after each optimizer step instead.
         out = {"registers": registers, "keep": keep, "logit_scale": self.logit_scale.exp()}
         if self.recon is not None:
-            # Dropped tokens are zeroed, so they contribute exactly nothing to the linear decoder.
-            out["recon"] = {m: self.recon[m]((r * keep[..., None]).flatten(1)) for m, r in registers.items()}
+            # Dropped tokens are zeroed, so they contribute exactly nothing to the linear decoder. With a separate
+            # pathway the overlapping tokens are read stop-gradient: they answer to the contrastive loss alone.
+            K_o = self.num_overlapping
+            recon_in = {m: torch.cat([r[:, :K_o].detach(), r[:, K_o:]], dim=1) if self.separate else r
+                        for m, r in registers.items()}
+            out["recon"] = {m: self.recon[m]((r * keep[..., None]).flatten(1)) for m, r in recon_in.items()}
         if self.residual is not None:
-            out["residual"] = {m: self.residual[m](residual_input(r, keep, self.num_overlapping))
-                               for m, r in registers.items()}
+            inputs = residual_inputs(registers, keep, self.num_overlapping, self.residual_source)
+            out["residual"] = {m: self.residual[m](x) for m, x in inputs.items()}
         return out
 
 

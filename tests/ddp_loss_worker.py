@@ -1,4 +1,4 @@
-"""Worker for the DDP exactness test: 2 gloo processes, each on its half of a fixed global batch."""
+"""Worker for the DDP exactness test: 2 gloo processes, each on its half of a fixed global batch, for every case."""
 import os
 
 import torch
@@ -10,14 +10,22 @@ from tvl_stage2 import RegisterModule
 
 GLOBAL_BATCH, K, K_O, E = 8, 4, 2, 16
 DIMS = {"tactile": 12, "text": 10, "vision": 14}
+# Every loss term is on in at least one case: the shared pathway with the own residual, and the separate pathway
+# with the partner residual and the all-prefix contrastive loss.
+CASES = {
+    "shared": (dict(), dict(complementary_difference_weight=0.2)),
+    "separate": (dict(complementary_pathway="separate", residual_source="partner"),
+                 dict(contrastive_prefixes="all", complementary_difference_weight=0.2)),
+}
 
 
-def build_case():
+def build_case(case="shared"):
     """Same model, batch and keep mask on every process (seeded): (module, loss_fn, tokens, pad, global, keep)."""
+    model_kw, loss_kw = CASES[case]
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     module = RegisterModule(DIMS, E, num_tokens=K, num_overlapping=K_O, width=32, depth=2, num_heads=4,
-                            recon_dims={m: E for m in DIMS}, residual_dims={m: E for m in DIMS})
+                            recon_dims={m: E for m in DIMS}, residual_dims={m: E for m in DIMS}, **model_kw)
     tokens = {m: torch.randn(GLOBAL_BATCH, 6, c, generator=g) for m, c in DIMS.items()}
     pad = {"text": torch.arange(6)[None, :] >= torch.randint(2, 7, (GLOBAL_BATCH, 1), generator=g)}
     glob = {m: torch.randn(GLOBAL_BATCH, E, generator=g) for m in DIMS}
@@ -25,7 +33,7 @@ def build_case():
     # numbers of samples with a complementary token (2 and 3), so a per-rank mean would differ from the global one
     keep = torch.arange(K)[None, :] < torch.tensor([4, 1, 3, 2, 4, 3, 4, 2])[:, None]
     loss_fn = Stage2Loss(K_O, complementary_reg_weight=0.5, complementary_recon_weight=0.3,
-                         complementary_residual_weight=0.4)
+                         complementary_residual_weight=0.4, **loss_kw)
     return module, loss_fn, tokens, pad, glob, keep
 
 
@@ -40,15 +48,18 @@ def step(module, loss_fn, tokens, pad, glob, keep, rows):
 def worker(rank, world, port, out_path):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    module, loss_fn, tokens, pad, glob, keep = build_case()
-    ddp = DistributedDataParallel(module)
-    local = GLOBAL_BATCH // world
-    total, terms = step(ddp, loss_fn, tokens, pad, glob, keep, slice(rank * local, (rank + 1) * local))
-    values = torch.stack([total.detach()] + [terms[k] for k in sorted(terms) if not k.startswith("r1_")])
-    dist.all_reduce(values)
-    values /= world  # loss and logged terms: mean over ranks = the global-batch value
+    results = {}
+    for case in CASES:
+        module, loss_fn, tokens, pad, glob, keep = build_case(case)
+        ddp = DistributedDataParallel(module)  # no find_unused_parameters: every parameter must get a gradient
+        local = GLOBAL_BATCH // world
+        total, terms = step(ddp, loss_fn, tokens, pad, glob, keep, slice(rank * local, (rank + 1) * local))
+        names = [k for k in sorted(terms) if not k.startswith("r1_")]
+        values = torch.stack([total.detach()] + [terms[k] for k in names])
+        dist.all_reduce(values)
+        values /= world  # loss and logged terms: mean over ranks = the global-batch value
+        results[case] = {"values": dict(zip(["total"] + names, values)),
+                         "grads": {n: p.grad.clone() for n, p in module.named_parameters()}}
     if rank == 0:
-        names = ["total"] + [k for k in sorted(terms) if not k.startswith("r1_")]
-        torch.save({"values": dict(zip(names, values)),
-                    "grads": {n: p.grad.clone() for n, p in module.named_parameters()}}, out_path)
+        torch.save(results, out_path)
     dist.destroy_process_group()

@@ -1,3 +1,4 @@
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 import ddp_loss_worker
 from conftest import free_port
 from loss_stage2 import (TVL_TEXT_THRESHOLDS, Stage2Loss, complementary_masks, complementary_terms, contrastive_loss,
-                         masked_mean, prefix_curve, recall_at_k, residual_term, tvl_metrics)
-from tvl_stage2 import residual_input
+                         difference_term, masked_mean, prefix_curve, recall_at_k, residual_term, tvl_metrics)
+from tvl_stage2 import residual_inputs
 
 
 def _out(B=6, K=4, E=8, seed=0, keep=None):
@@ -128,31 +129,149 @@ def test_reg_terms_select_exactly_the_named_regularisers(reg_terms):
         Stage2Loss(K_o, w, complementary_l2="max")
 
 
-def _with_residual(out, K_o, seed=0):
+def _with_residual(out, K_o, seed=0, source="own"):
     """Adds out["residual"] from fresh per-modality Linear(2E -> E_m) decoders and Stage 1 targets out["global"]."""
     torch.manual_seed(seed)
     E = next(iter(out["registers"].values())).shape[-1]
     decoders = {m: nn.Linear(2 * E, 5) for m in out["registers"]}
     out["global"] = {m: torch.randn(out["keep"].shape[0], 5) for m in out["registers"]}
-    out["residual"] = {m: decoders[m](residual_input(r, out["keep"], K_o)) for m, r in out["registers"].items()}
+    inputs = residual_inputs(out["registers"], out["keep"], K_o, source)
+    out["residual"] = {m: decoders[m](x) for m, x in inputs.items()}
     return decoders
 
 
-def _manual_residual(out, decoders, K_o):
+def _manual_residual(out, decoders, K_o, source="own"):
     """Reference by explicit loops: mean over modalities of the mean over samples with a kept complementary
-    token of 1 - cos(decoder([mean of kept overlapping tokens, mean of kept complementary tokens]), target)."""
-    keep, per_m = out["keep"], []
-    for m, r in out["registers"].items():
+    token of 1 - cos(decoder([mean of kept overlapping tokens, mean of kept complementary tokens]), target), the
+    overlapping tokens those of the modality itself ("own") or, averaged over them, of each other one ("partner")."""
+    keep, regs, per_m = out["keep"], out["registers"], []
+    for m, r in regs.items():
         losses = []
         for b in range(r.shape[0]):
-            overlap = [r[b, j] for j in range(K_o) if keep[b, j]]
             comp = [r[b, j] for j in range(K_o, r.shape[1]) if keep[b, j]]
-            if comp:
+            if not comp:
+                continue
+            miss = []
+            for p in ([m] if source == "own" else [p for p in regs if p != m]):
+                overlap = [regs[p][b, j] for j in range(K_o) if keep[b, j]]
                 x = torch.cat([sum(overlap) / len(overlap), sum(comp) / len(comp)])
                 pred = decoders[m].weight @ x + decoders[m].bias
-                losses.append(1 - F.cosine_similarity(pred, out["global"][m][b], dim=0))
+                miss.append(1 - F.cosine_similarity(pred, out["global"][m][b], dim=0))
+            losses.append(sum(miss) / len(miss))
         per_m.append(sum(losses) / len(losses) if losses else torch.tensor(0.0))
     return sum(per_m) / len(per_m)
+
+
+def test_partner_residual_matches_explicit_loops_and_skips_every_shared_embedding():
+    out, K_o = _out(B=8, K=5, E=6, seed=7), 3
+    keep = out["keep"]
+    assert keep[:, K_o].any() and (~keep[:, K_o]).any()
+    decoders = _with_residual(out, K_o, source="partner")
+    assert all(p.shape == (2, 8, 5) for p in out["residual"].values())  # two partners each
+    total, terms = Stage2Loss(K_o, 0.0, complementary_residual_weight=0.7)(out)
+    ref = _manual_residual(out, decoders, K_o, "partner")
+    assert torch.allclose(terms["residual"], ref, atol=1e-6)
+    assert not torch.allclose(ref, _manual_residual(out, decoders, K_o, "own"), atol=1e-3)
+    assert torch.allclose(total, terms["contrastive"] + 0.7 * ref, atol=1e-6)
+    regs = out["registers"]
+    masks = complementary_masks(keep[:, K_o:])
+    grads = torch.autograd.grad(sum(residual_term(out["residual"][m], out["global"][m], masks) for m in regs),
+                                list(regs.values()))
+    for m, g in zip(regs, grads):
+        assert torch.all(g[:, :K_o] == 0)  # no modality's overlapping tokens: every shared half is stop-gradient
+        assert torch.all(g[:, K_o][~keep[:, K_o]] == 0) and g[:, K_o][keep[:, K_o]].abs().sum(-1).gt(0).all()
+
+
+def _numpy_difference(shared, comp, rows, eps=1e-6):
+    """DSN's difference loss written out: standardise the selected rows' columns, then every entry of S~^T C~."""
+    s, c = shared[rows].astype(np.float64), comp[rows].astype(np.float64)
+    n = s.shape[0]
+    if n == 0:
+        return 0.0
+    s = (s - s.mean(0)) / np.sqrt(s.var(0) + eps)
+    c = (c - c.mean(0)) / np.sqrt(c.var(0) + eps)
+    total = 0.0
+    for i in range(s.shape[1]):
+        for j in range(c.shape[1]):
+            total += sum(s[b, i] * c[b, j] for b in range(n)) ** 2
+    return total / n ** 2
+
+
+def test_difference_term_matches_numpy_and_steers_only_kept_complementary_tokens():
+    out, K_o = _out(B=9, K=5, E=6, seed=11), 3
+    keep, regs = out["keep"], out["registers"]
+    rows = keep[:, K_o:].any(1)
+    assert 2 < rows.sum() < 9 and (keep[:, K_o] & ~keep[:, K_o + 1]).any()
+    total, terms = Stage2Loss(K_o, 0.0, complementary_difference_weight=0.3)(out)
+    per_m = []
+    for m, r in regs.items():
+        shared = masked_mean(r[:, :K_o], keep[:, :K_o]).detach().numpy()
+        comp = masked_mean(r[:, K_o:], keep[:, K_o:]).detach().numpy()
+        per_m.append(_numpy_difference(shared, comp, rows.numpy()))
+        assert terms[f"difference_{m}"].item() == pytest.approx(per_m[-1], rel=1e-5)
+    assert terms["difference"].item() == pytest.approx(np.mean(per_m), rel=1e-5) and terms["difference"] > 0
+    assert torch.allclose(total, terms["contrastive"] + 0.3 * terms["difference"], atol=1e-6)
+    masks = complementary_masks(keep[:, K_o:])
+    diff = sum(difference_term(masked_mean(r[:, :K_o], keep[:, :K_o]), masked_mean(r[:, K_o:], keep[:, K_o:]), masks)
+               for r in regs.values())
+    for m, g in zip(regs, torch.autograd.grad(diff, list(regs.values()))):
+        assert torch.all(g[:, :K_o] == 0)  # the shared embedding is detached
+        assert torch.all(g[:, K_o:][~keep[:, K_o:]] == 0) and g[:, K_o:][keep[:, K_o:]].abs().sum(-1).gt(0).all()
+    # the standardisation makes it blind to a per-column shift and scale of either code
+    shared, comp = regs["vision"][:, 0], regs["vision"][:, K_o]
+    ref = difference_term(shared, comp, masks)
+    assert torch.allclose(difference_term(3 * shared + 1, comp * 0.5 - 2, masks), ref, rtol=1e-4)
+
+
+def test_difference_term_is_exactly_zero_without_kept_complementary_tokens():
+    keep = torch.arange(4)[None, :] < torch.tensor([1, 3, 2, 3, 3, 1])[:, None]
+    out = _out(B=6, seed=6, keep=keep)
+    total, terms = Stage2Loss(3, 0.0, complementary_difference_weight=1.0)(out)
+    assert terms["difference"].item() == 0.0 and torch.equal(total, terms["contrastive"])
+    comp = torch.randn(6, 8, requires_grad=True)
+    masks = complementary_masks(keep[:, 3:])
+    value = difference_term(torch.randn(6, 8), comp, masks)
+    value.backward()
+    assert value.item() == 0.0 and torch.all(comp.grad == 0)  # zero, not NaN
+    one = complementary_masks(torch.tensor([[True], [False], [False]]))  # one sample: nothing to correlate
+    assert difference_term(torch.randn(3, 4), torch.randn(3, 4), one).item() == 0.0
+
+
+def _prefix_embedding(r, keep, k):
+    """Explicit loop: per sample, the normalised mean of its kept tokens among the first k."""
+    rows = []
+    for b in range(r.shape[0]):
+        kept = [r[b, j] for j in range(k) if keep[b, j]]
+        rows.append(F.normalize(sum(kept) / len(kept), dim=0))
+    return torch.stack(rows)
+
+
+def test_all_prefix_contrastive_is_the_mean_of_open_clip_losses_over_prefixes():
+    out, K_o = _out(B=8, K=4, E=8, seed=4), 3
+    keep = out["keep"]
+    assert (keep.sum(1) < K_o).any()  # some samples' kept prefix is shorter than K_o
+    total, terms = Stage2Loss(K_o, 0.0, contrastive_prefixes="all")(out)
+    clip = open_clip.loss.ClipLoss()
+    pairs = [("tactile", "text"), ("tactile", "vision"), ("text", "vision")]
+    per_k = []
+    for k in range(1, K_o + 1):
+        z = {m: _prefix_embedding(r, keep, k) for m, r in out["registers"].items()}
+        per_k.append(sum(clip(z[a], z[b], out["logit_scale"]) for a, b in pairs) / len(pairs))
+        assert torch.allclose(terms[f"contrastive_prefix{k}"], per_k[-1], atol=1e-6), k
+    assert torch.allclose(total, sum(per_k) / K_o, atol=1e-6) and torch.allclose(terms["contrastive"], total)
+    full, full_terms = Stage2Loss(K_o, 0.0)(out)
+    assert torch.allclose(full, per_k[-1], atol=1e-6) and not torch.allclose(full, total, atol=1e-3)
+    assert not any(k.startswith("contrastive_prefix") for k in full_terms)
+    for a, b in pairs:  # each pair's logged loss is its mean over prefixes
+        ref = sum(clip(_prefix_embedding(out["registers"][a], keep, k), _prefix_embedding(out["registers"][b], keep, k),
+                       out["logit_scale"]) for k in range(1, K_o + 1)) / K_o
+        assert torch.allclose(terms[f"contrastive_{a}_{b}"], ref, atol=1e-6)
+    # a token beyond a sample's kept prefix changes nothing, nor gets a gradient
+    regs = {m: r.detach().requires_grad_() for m, r in out["registers"].items()}
+    loss, _ = Stage2Loss(K_o, 0.0, contrastive_prefixes="all")({**out, "registers": regs})
+    for g in torch.autograd.grad(loss, list(regs.values())):
+        assert torch.all(g[~keep] == 0) and torch.all(g[:, K_o:] == 0)
+        assert g[:, :K_o][keep[:, :K_o]].abs().sum(-1).gt(0).all()
 
 
 def test_residual_term_matches_explicit_loops():
@@ -310,16 +429,22 @@ def test_tvl_metrics_equal_tvl_topk_accuracy_without_ties():
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
-    module, loss_fn, tokens, pad, glob, keep = ddp_loss_worker.build_case()
-    total, terms = ddp_loss_worker.step(module, loss_fn, tokens, pad, glob, keep, slice(None))
     path = tmp_path / "ddp.pt"
     mp.spawn(ddp_loss_worker.worker, args=(2, free_port(), str(path)), nprocs=2, join=True)
-    result = torch.load(path, weights_only=True)
-    assert terms["comp_l2"] > 0 and terms["comp_div"] > 0 and terms["recon"] > 0 and terms["residual"] > 0
-    assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0)
-    for name, value in result["values"].items():
-        if name != "total":
-            assert torch.allclose(value, terms[name], atol=1e-5, rtol=0), name
-    for name, p in module.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-        assert torch.allclose(result["grads"][name], p.grad, atol=1e-5, rtol=0), name
+    results = torch.load(path, weights_only=True)
+    for case in ddp_loss_worker.CASES:
+        module, loss_fn, tokens, pad, glob, keep = ddp_loss_worker.build_case(case)
+        total, terms = ddp_loss_worker.step(module, loss_fn, tokens, pad, glob, keep, slice(None))
+        result = results[case]
+        for name in ("comp_l2", "comp_div", "recon", "residual", "difference"):
+            assert terms[name] > 0, (case, name)
+        if case == "separate":
+            assert {f"contrastive_prefix{k}" for k in (1, 2)} <= set(result["values"])
+        assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0), case
+        assert set(result["values"]) == {"total"} | {k for k in terms if not k.startswith("r1_")}
+        for name, value in result["values"].items():
+            if name != "total":
+                assert torch.allclose(value, terms[name], atol=1e-5, rtol=0), (case, name)
+        for name, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (case, name)
+            assert torch.allclose(result["grads"][name], p.grad, atol=1e-5, rtol=0), (case, name)

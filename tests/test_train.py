@@ -197,6 +197,46 @@ def test_complementary_flags_reach_the_loss_and_the_model(tiny_stage1):
     assert all((d.in_features, d.out_features) == (2 * E, E) for d in decoders.values())
 
 
+NEW_OBJECTIVE_FLAGS = ("objective", "complementary_pathway", "complementary_residual_source",
+                       "complementary_difference_weight", "contrastive_prefixes")
+
+
+def test_objective_mission_is_the_original_objective_and_explicit_flags_override_presets(tiny_stage1):
+    plain = vars(main_mod.parse_args(SEED_COMMAND))
+    mission = vars(main_mod.parse_args(SEED_COMMAND + ["--objective", "mission"]))
+    custom = vars(main_mod.parse_args(SEED_COMMAND + ["--objective", "custom"]))
+    assert mission == plain and {**custom, "objective": "mission"} == plain
+    # every flag that existed before the presets keeps its value (those of the SEED_COMMAND and the defaults)
+    assert (plain["nested_dropout_rate"], plain["complementary_reg_weight"], plain["complementary_reg_terms"],
+            plain["complementary_l2"], plain["complementary_recon_weight"], plain["complementary_residual_weight"]) == (
+        0.5, 0.01, ["l2", "diversity"], "sum", 0.0, 0.0)
+    assert {k: plain[k] for k in NEW_OBJECTIVE_FLAGS} == {
+        "objective": "mission", "complementary_pathway": "shared", "complementary_residual_source": "own",
+        "complementary_difference_weight": 0.0, "contrastive_prefixes": "full"}
+    loss = main_mod.build_criterion(main_mod.parse_args(SEED_COMMAND))
+    assert (list(loss.prefixes), loss.difference_weight) == ([3], 0.0)
+    # the preset without the seed command's explicit --nested_dropout_rate 0.5
+    base = list(SEED_COMMAND)
+    i = base.index("--nested_dropout_rate")
+    del base[i:i + 2]
+    separate = vars(main_mod.parse_args(base + ["--objective", "separate"]))
+    changed = {k: v for k, v in separate.items() if v != plain[k]}
+    assert changed == {"objective": "separate", "complementary_pathway": "separate",
+                       "complementary_residual_weight": 1.0, "complementary_residual_source": "partner",
+                       "contrastive_prefixes": "all", "nested_dropout_rate": 0.0}
+    # explicit flags win over the preset, in either order
+    for argv in (["--objective", "separate", "--nested_dropout_rate", "0.25", "--contrastive_prefixes", "full"],
+                 ["--nested_dropout_rate", "0.25", "--contrastive_prefixes", "full", "--objective", "separate"]):
+        args = main_mod.parse_args(base + argv)
+        assert (args.nested_dropout_rate, args.contrastive_prefixes, args.complementary_pathway) == (
+            0.25, "full", "separate")
+    model = main_mod.build_model(main_mod.parse_args(base + ["--objective", "separate"]), tiny_stage1)
+    module = model.unwrapped_registers
+    assert module.separate and module.residual_source == "partner" and module.comp_tokens.shape[0] == 1
+    loss = main_mod.build_criterion(main_mod.parse_args(base + ["--objective", "separate"]))
+    assert list(loss.prefixes) == [1, 2, 3] and loss.residual_weight == 1.0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--num_overlapping_tokens", "4"], "--num_overlapping_tokens"),
     (["--nested_dropout_rate", "1.0"], "--nested_dropout_rate"),
@@ -209,6 +249,12 @@ def test_complementary_flags_reach_the_loss_and_the_model(tiny_stage1):
     (["--complementary_reg_terms", "l1"], "--complementary_reg_terms"),
     (["--complementary_l2", "max"], "--complementary_l2"),
     (["--eval_only"], "--eval_only"),
+    (["--objective", "best"], "--objective"),
+    (["--complementary_pathway", "private"], "--complementary_pathway"),
+    (["--complementary_residual_source", "both"], "--complementary_residual_source"),
+    (["--complementary_difference_weight", "-1"], "--complementary_difference_weight"),
+    (["--contrastive_prefixes", "some"], "--contrastive_prefixes"),
+    (["--complementary_pathway", "separate", "--complementary_reg_weight", "0"], "--complementary_pathway separate"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_invalid_values_fail_at_parse_time(extra, message, capsys):
     with pytest.raises(SystemExit) as e:

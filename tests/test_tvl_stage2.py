@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from loss_stage2 import Stage2Loss, complementary_masks, residual_term
+from loss_stage2 import (Stage2Loss, complementary_masks, complementary_terms, difference_term, masked_mean,
+                         residual_term)
 from tvl_stage2 import FluxTalk, RegisterModule, nested_dropout_mask
 
 DIMS = {"tactile": 12, "text": 10, "vision": 14}
@@ -110,6 +111,70 @@ def test_residual_gradient_from_the_module_skips_the_overlapping_outputs():
         assert module.residual[m].weight.grad.abs().sum() > 0
     # through the complementary token the term does train the shared register module
     assert module.register_tokens.grad[3].abs().sum() > 0 and module.head.weight.grad.abs().sum() > 0
+
+
+def test_separate_pathway_changes_no_initial_value_and_keeps_the_overlapping_outputs():
+    shared = _module(residual_dims={m: 5 for m in DIMS})
+    separate = _module(residual_dims={m: 5 for m in DIMS}, complementary_pathway="separate", residual_source="partner")
+    own, sep = shared.state_dict(), separate.state_dict()
+    # same seed: every shared parameter starts where it did; the register draw is split between the two pathways
+    for k, v in own.items():
+        if k != "register_tokens":
+            assert torch.equal(v, sep[k]), k
+    assert torch.equal(sep["register_tokens"], own["register_tokens"][:3])
+    assert torch.equal(sep["comp_tokens"], own["register_tokens"][3:])
+    new = {k.split(".")[0] for k in sep if k not in own}
+    assert new == {"comp_tokens", "comp_blocks", "comp_norm", "comp_head"}
+    assert sum(v.numel() for k, v in sep.items() if k.startswith("comp_blocks")) == sum(
+        v.numel() for k, v in own.items() if k.startswith("blocks"))  # same depth and width
+    tokens, pad = _tokens(B=5), {"text": torch.arange(7)[None, :] >= torch.tensor([2, 7, 4, 5, 3])[:, None]}
+    keep = torch.arange(4)[None, :] < torch.tensor([4, 1, 3, 4, 2])[:, None]
+    with torch.no_grad():
+        a, b = shared(tokens, pad, keep=keep), separate(tokens, pad, keep=keep)
+    assert torch.equal(a["keep"], b["keep"])  # nested dropout covers the K tokens of both pathways
+    for m in DIMS:
+        assert b["registers"][m].shape == (5, 4, 16)
+        # causal self-attention: the first K_o outputs never depended on the complementary token
+        torch.testing.assert_close(b["registers"][m][:, :3], a["registers"][m][:, :3], rtol=0, atol=1e-6)
+        assert not torch.allclose(b["registers"][m][:, 3], a["registers"][m][:, 3], atol=1e-3)
+        assert b["residual"][m].shape == (2, 5, 5)  # one prediction per partner modality
+
+
+def overlapping_parameters(module):
+    """The parameters the overlapping tokens depend on: everything but the complementary pathway and decoders."""
+    return {n: p for n, p in module.named_parameters() if not n.startswith(("comp_", "residual.", "recon."))}
+
+
+def test_no_complementary_gradient_reaches_the_overlapping_pathway():
+    module = _module(complementary_pathway="separate", residual_dims={m: 5 for m in DIMS},
+                     recon_dims={m: 5 for m in DIMS}, residual_source="partner")
+    keep = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = module(_tokens(), {"text": torch.arange(7)[None, :] >= torch.tensor([2, 7, 4])[:, None]}, keep=keep)
+    out["global"] = {m: torch.randn(3, 5, generator=torch.Generator().manual_seed(1)) for m in DIMS}
+    regs, masks = out["registers"], complementary_masks(keep[:, 3:])
+    shared = {m: masked_mean(r[:, :3], keep[:, :3]) for m, r in regs.items()}
+    comp = {m: masked_mean(r[:, 3:], keep[:, 3:]) for m, r in regs.items()}
+    objectives = {
+        "l2+diversity": sum(sum(complementary_terms(r[:, 3:], keep[:, 3:], shared[m], masks)) for m, r in regs.items()),
+        "residual": sum(residual_term(out["residual"][m], out["global"][m], masks) for m in DIMS),
+        "difference": sum(difference_term(shared[m], comp[m], masks) for m in DIMS),
+        "recon": sum((1 - torch.cosine_similarity(out["recon"][m], out["global"][m])).mean() for m in DIMS)}
+    overlap = overlapping_parameters(module)
+    comp_params = {n: p for n, p in module.named_parameters() if n.startswith("comp_")}
+    for name, loss in objectives.items():
+        grads = torch.autograd.grad(loss, list(overlap.values()) + list(comp_params.values()), retain_graph=True,
+                                    allow_unused=True)
+        grads = dict(zip(list(overlap) + list(comp_params), grads))
+        for n in overlap:
+            assert grads[n] is None or torch.all(grads[n] == 0), (name, n)
+        # the complementary pathway does learn (not every parameter: self-attention over its one token, or a bias
+        # that the difference term's standardisation removes, has none)
+        assert all(grads[n] is not None for n in comp_params), name
+        assert grads["comp_head.weight"].abs().sum() > 0 and grads["comp_tokens"].abs().sum() > 0, name
+    # and the contrastive loss never reaches the complementary pathway
+    total, _ = Stage2Loss(3)(out)
+    grads = torch.autograd.grad(total, list(comp_params.values()), allow_unused=True)
+    assert all(g is None or torch.all(g == 0) for g in grads)
 
 
 def test_padded_context_positions_do_not_change_outputs():
