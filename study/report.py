@@ -248,7 +248,8 @@ def decision_markdown(src):
         lines.append(
             f"Objective: an objective becomes the default if unique_gain and specific_gain each exceed twice their "
             f"std and its pooled R@1 is at most {COST_POINTS:g} point below the mission's. "
-            + (f"{len(new)} arm(s) meet it ({', '.join('`' + r['arm'] + '`' for r in new)}); the largest unique_gain is "
+            + (f"{len(new)} arm(s) meet it ({', '.join('`' + r['arm'] + '`' for r in new)}); the largest "
+               f"unique_gain is "
                f"`{best['arm']}`'s ({fmt(best['unique_gain'], 3)}, specific_gain {fmt(best['specific_gain'], 3)}, "
                f"pooled cost {fmt(best['pooled_cost'])} points): it should become the default objective."
                if best else "No arm meets it: the mission's loss stays the default objective."))
@@ -287,10 +288,11 @@ def lengths_markdown(src):
 def source_markdown(source, src, default_arm):
     k_o, K = src["num_overlapping"], src["num_tokens"]
     arms = list(src["arms"])
-    lines = [f"## Source: {source}", "", f"{src['num_train']} train / {src['num_val']} val samples"
-             + ("; factors: " + ", ".join(f"{f} ({k})" for f, k in src["kinds"].items()) if src["kinds"] else
-                "; no known factors (retrieval only)") + f"; training flags beyond each arm's and Stage 1's: `{' '.join(src['flags'])}`",
-             ""] + ([src["note"], ""] if src.get("note") else [])
+    factors = ("factors: " + ", ".join(f"{f} ({k})" for f, k in src["kinds"].items()) if src["kinds"] else
+               "no known factors (retrieval only)")
+    lines = [f"## Source: {source}", "", f"{src['num_train']} train / {src['num_val']} val samples; {factors}; "
+             f"training flags beyond each arm's and Stage 1's: `{' '.join(src['flags'])}`", ""]
+    lines += [src["note"], ""] if src.get("note") else []
     rows = {a: src["arms"][a]["runs"] for a in arms}
     if src["init"]:
         rows["init (untrained)"] = src["init"]

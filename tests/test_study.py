@@ -181,11 +181,11 @@ def test_smoke_study_writes_its_outputs(tmp_path):
     file, the summary lines recomputed from the stored per-seed numbers."""
     out = tmp_path / "results"
     lines = run_study_script("--smoke", "--output", str(out), "--sources", "latent", "tvl", "--arms", "mission",
-                             "nd0", "residual", "--lengths", "2")
+                             "nd0", "residual", "objective_separate", "separate_noorder", "--lengths", "2")
     m = re.fullmatch("study: " + SUMMARY, lines[-1])
     assert m, lines[-1]
     assert re.fullmatch(r"study\(mission\): " + SUMMARY, [x for x in lines if x.startswith("study(mission)")][0])
-    assert any(x.startswith("study(separate): ") for x in lines)
+    assert re.fullmatch(r"study\(separate\): " + SUMMARY, [x for x in lines if x.startswith("study(separate)")][0])
     res = json.load(open(out / "results.json"))
     arms = res["sources"]["latent"]["arms"]
     runs = arms["mission"]["runs"]
@@ -208,7 +208,8 @@ def test_smoke_study_writes_its_outputs(tmp_path):
     axis = res["sources"]["latent"]["lengths"]["runs"]
     assert set(axis) == {"mission", res["sources"]["latent"]["lengths"]["best"]}
     assert [r["epochs"] for r in axis["mission"]["2"]] == [2, 2] and axis["mission"]["1"] == runs
-    assert set(res["sources"]) == {"latent", "tvl"} and set(res["sources"]["tvl"]["arms"]) == {"mission", "nd0"}
+    assert set(res["sources"]) == {"latent", "tvl"}
+    assert set(res["sources"]["tvl"]["arms"]) == {"mission", "nd0", "objective_separate", "separate_noorder"}
     md = (out / "RESULTS.md").read_text()
     for needle in ("## Source: latent", "## Source: tvl", res["command"], "## Decision", "## Hypotheses",
                    "### Training length"):
