@@ -80,6 +80,7 @@ VISION_GRAYSCALE_P = 0.2
 VISION_BLUR = dict(p=0.5, kernel=9, sigma=(0.5, 1.0))
 TACTILE_JITTER = dict(p=0.8, brightness=(0.9, 1.1), contrast=(0.9, 1.1), saturation=(0.8, 1.2), hue=(-0.05, 0.05))
 STREAMS = {"vision": 0, "tactile": 1, "text": 2}  # one independent random stream per modality
+VIEW2_STREAM_OFFSET = 8  # the second augmented view's streams (two_views): STREAMS + 8
 EVAL_CAPTION_SEED = 0  # evaluation captions depend on the sample alone, never on the run's --seed
 
 
@@ -553,15 +554,18 @@ class TVLDataset(Dataset):
 
     replace_bad: a sample whose image does not decode is replaced by the next loadable index (a function of the
     files only: deterministic, and the batch keeps its size) and the item says so in "bad" (one "path: reason"
-    line per replaced sample, "" when none; see pop_bad). Otherwise such a sample raises DataError."""
+    line per replaced sample, "" when none; see pop_bad). Otherwise such a sample raises DataError.
+
+    two_views (the view contrastive term, with augment): the item also holds, under "view2", {modality: tensor} of
+    a second, independent augmentation draw of the same sample (its own random streams)."""
 
     def __init__(self, items, tokenizer, active_modalities, seed, augment, prompt=DEFAULT_PROMPT,
                  shuffle_text=False, synonyms=None, replace_bad=False, bad_files=None, subtract_background=False,
-                 color_jitter=False, random_captions=False):
+                 color_jitter=False, random_captions=False, two_views=False):
         self.items = items
         self.tokenizer = tokenizer
         self.active = tuple(active_modalities)
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.two_views = seed, augment, two_views
         self.prompt, self.shuffle_text = prompt, shuffle_text
         self.synonyms = synonyms or {}  # {subset: {word: [synonyms]}}
         self.replace_bad, self.bad_files = replace_bad, list(bad_files or [])
@@ -604,27 +608,37 @@ class TVLDataset(Dataset):
                     problems.append(str(e))
         return problems
 
-    def _gen(self, epoch, index, modality):
-        s = item_seed(self.seed, epoch, index, STREAMS[modality])
-        return torch.Generator().manual_seed(s) if self.augment else None
+    def _stream(self, epoch, index, modality, view):
+        return item_seed(self.seed, epoch, index, STREAMS[modality] + VIEW2_STREAM_OFFSET * view)
+
+    def _gen(self, epoch, index, modality, view=0):
+        return torch.Generator().manual_seed(self._stream(epoch, index, modality, view)) if self.augment else None
 
     def _load(self, index, epoch):
         """The item with data from sample `index` ("index" says which sample the tensors came from)."""
+        out = self._inputs(index, epoch)
+        if self.two_views:
+            out["view2"] = self._inputs(index, epoch, view=1)
+        out["index"] = index
+        return out
+
+    def _inputs(self, index, epoch, view=0):
+        """{modality: tensor} of sample `index`, augmentation draw `view` (0, or 1 for the second view)."""
         it = self.items[index]
         out = {}
         if "vision" in self.active:
-            out["vision"] = vision_transform(load_image(it["vision"]), it["crop_top"], self._gen(epoch, index, "vision"))
+            g = self._gen(epoch, index, "vision", view)
+            out["vision"] = vision_transform(load_image(it["vision"]), it["crop_top"], g)
         if "tactile" in self.active:
-            out["tactile"] = self._tactile(it, self._gen(epoch, index, "tactile"))
+            out["tactile"] = self._tactile(it, self._gen(epoch, index, "tactile", view))
         if "text" in self.active:
             if self.augment:
-                rng = random.Random(item_seed(self.seed, epoch, index, STREAMS["text"]))
+                rng = random.Random(self._stream(epoch, index, "text", view))
                 syn = self.synonyms.get(it["id"].split("/")[0])
                 text = make_caption(it["adjs"], self.prompt, rng, self.shuffle_text, syn)
             else:
                 text = self.captions[index]
             out["text"] = self.tokenizer([text])[0]
-        out["index"] = index
         return out
 
     def _tactile(self, it, g):
@@ -644,7 +658,8 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
     data recipe of args (recipe_of: after resolve_recipe, Stage 1's unless overridden).
     augment=None: the train split augments unless args.no_augment; val/test never do. Raises DataError, at the
     first missing file; with tolerate_bad samples with missing files or empty labels are left out instead (named
-    in the dataset's bad_files) and undecodable ones are replaced (TVLDataset's replace_bad)."""
+    in the dataset's bad_files) and undecodable ones are replaced (TVLDataset's replace_bad). An augmented train
+    split gives two augmentation draws per item (TVLDataset's two_views) when args.complementary_view_weight > 0."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     root = args.datasets_dir
@@ -652,6 +667,7 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
         raise DataError(f"--datasets_dir {root}: no such directory (expected the TVL folder holding ssvtp/ and hct/)")
     recipe = recipe_of(args)
     augment = (split == "train" and not args.no_augment) if augment is None else augment
+    two_views = augment and split == "train" and getattr(args, "complementary_view_weight", 0) > 0
     subtract = recipe["subtract_background"] == "background" and "tactile" in active_modalities
     items, synonyms = [], {}
     bad = [] if tolerate_bad else None
@@ -685,7 +701,8 @@ def build_dataset(args, split, tokenizer, active_modalities, seed, augment=None,
           + (f", {len(bad)} left out for missing files or empty labels" if bad else ""))
     return TVLDataset(items, tokenizer, active_modalities, seed, augment, recipe["text_prompt"],
                       recipe["shuffle_text"], {k: v for k, v in synonyms.items() if v}, tolerate_bad, bad, subtract,
-                      recipe["color_jitter"], random_captions=split != "train" and args.eval_captions == "random")
+                      recipe["color_jitter"], random_captions=split != "train" and args.eval_captions == "random",
+                      two_views=two_views)
 
 
 def _ssvtp_background(args):

@@ -50,6 +50,7 @@ CACHE_FORMAT = "fluxtalk-feature-cache-1"
 # Flags that change which samples a split holds or what its captions say, so what the cache holds.
 CACHE_DATA_FLAGS = ("datasets", "tactile_background") + tuple(RECIPE_DEFAULTS)
 CACHE_VIEW_STREAM = 3  # item_seed stream of the per-epoch view choice (0..2 are the modalities' augmentation)
+CACHE_VIEW2_STREAM = 4  # and of the second view's (two_views)
 
 
 def cache_data_flags(args, split):
@@ -110,12 +111,13 @@ class CachedFeatureDataset(Dataset):
     Views: without augmentation (val/test, --no_augment) always view 0. With augmentation, epoch e reads
     view 1 + item_seed(seed, e, i) % (V - 1) of sample i: one of the augmented views, never the plain one
     (online augmented training never sees an un-augmented input either); a cache without augmented views
-    gives view 0."""
+    gives view 0. two_views (the view contrastive term; needs V - 1 >= 2): the item also holds, under "view2", the
+    tokens / padding_mask / global of another augmented view of the same sample, drawn among the remaining ones."""
 
-    def __init__(self, root, split, meta, active_modalities, seed, augment):
+    def __init__(self, root, split, meta, active_modalities, seed, augment, two_views=False):
         self.dir = os.path.join(root, split)
         self.active = tuple(active_modalities)
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.two_views = seed, augment, two_views
         self.num_views, self.shard_size = meta["views"], meta["shard_size"]
         self.sample_ids = meta["sample_ids"]
         self.captions = meta.get("captions") if "text" in self.active else None
@@ -132,6 +134,11 @@ class CachedFeatureDataset(Dataset):
             return 0
         return 1 + item_seed(self.seed, epoch, index, CACHE_VIEW_STREAM) % (self.num_views - 1)
 
+    def second_view(self, index, epoch=0):
+        """An augmented view other than view(index, epoch), uniform among the V - 2 others."""
+        shift = 1 + item_seed(self.seed, epoch, index, CACHE_VIEW2_STREAM) % (self.num_views - 2)
+        return 1 + (self.view(index, epoch) - 1 + shift) % (self.num_views - 1)
+
     def _shard(self, k):
         if k not in self._shards:
             folder = os.path.join(self.dir, f"shard_{k:05d}")
@@ -142,13 +149,20 @@ class CachedFeatureDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = epoch_and_index(key)
+        out = self.read(index, self.view(index, epoch))
+        if self.two_views:
+            out["view2"] = self.read(index, self.second_view(index, epoch))
+        out["index"] = index
+        return out
+
+    def read(self, index, v):
+        """View v of sample `index`: {"tokens", "global"[, "padding_mask"]}."""
         k, j = divmod(index, self.shard_size)
-        a, v = self._shard(k), self.view(index, epoch)
+        a = self._shard(k)
         out = {"tokens": {m: torch.from_numpy(np.array(a[f"{m}_tokens"][v, j])) for m in self.active},
                "global": {m: torch.from_numpy(np.array(a[f"{m}_global"][v, j])) for m in self.active}}
         if "text" in self.active:
             out["padding_mask"] = {"text": torch.from_numpy(np.array(a["text_padding"][v, j]))}
-        out["index"] = index
         return out
 
 
@@ -163,7 +177,12 @@ def build_cached_dataset(args, split, stage1, seed):
         ids = build_dataset(args, split, stage1.tokenizer, active, seed, augment=False).sample_ids
     check_cache_meta(meta, root, split, stage1.fingerprint, active, args, ids)
     augment = split == "train" and not args.no_augment
-    ds = CachedFeatureDataset(root, split, meta, active, seed, augment)
+    two_views = split == "train" and getattr(args, "complementary_view_weight", 0) > 0
+    ds = CachedFeatureDataset(root, split, meta, active, seed, augment, two_views)
+    if two_views and ds.num_views - 1 < 2:
+        raise DataError(f"--complementary_view_weight {args.complementary_view_weight} needs two augmented views per "
+                        f"sample: --feature_cache {root} ({split}) has {ds.num_views - 1} (rebuild it with "
+                        f"cache_features.py --cache_views 2 or more)")
     if augment and ds.num_views == 1:
         print(f"data: {root} ({split}) has no augmented views (cache_features.py --cache_views 0): training "
               f"without augmentation")

@@ -25,6 +25,10 @@ complementary token, comp = the mean of a sample's kept complementary tokens. To
                                      complementary token, S~ / C~ their detached shared / comp, each column
                                      standardised over those n rows: the sum of squared correlations between the
                                      codes' coordinates, so comp cannot linearly encode what shared holds
+  + view_weight * view               FactorCL-style intra-modality view contrastive term: symmetric InfoNCE at a
+                                     fixed temperature (VIEW_TEMPERATURE) between the normalised comp of two
+                                     augmented views of each sample with a kept complementary token, across the
+                                     global batch (out["view2"]: the second view's registers, same keep mask)
 
 Each complementary term is the mean over modalities of the per-modality term (all logged on their own) and is
 exactly 0 (never NaN) where nothing it averages over was kept; l2 and diversity are logged even when off. The
@@ -160,6 +164,31 @@ def difference_term(shared, comp, masks):
     return (s.T @ c / n).pow(2).sum()
 
 
+# The view term's fixed temperature, not the learnt logit scale: that scale belongs to the cross-modal loss (sharing
+# it would let a complementary objective move the aligned embedding's similarity scale, which the separate pathway
+# is there to prevent), and it grows towards 100, far sharper than two augmentations of one sample call for.
+# 0.1 is the usual SimCLR-style value for such intra-modality view pairs.
+VIEW_TEMPERATURE = 0.1
+
+
+def view_term(comp, comp2, masks, temperature=VIEW_TEMPERATURE):
+    """FactorCL-style intra-modality view contrastive term: the symmetric InfoNCE (CLIP loss at 1 / temperature)
+    between the L2-normalised complementary tokens of two augmented views of the same samples, over the global
+    batch's samples with a kept complementary token (the others are neither rows nor columns); exactly 0 when there
+    is none. comp / comp2 (B, E) mean of each sample's kept complementary tokens in view 1 / view 2, masks:
+    complementary_masks of the complementary keep mask (both views share it)."""
+    world, B = get_world_size(), comp.shape[0]
+    z1, z2 = F.normalize(comp.float(), dim=-1), F.normalize(comp2.float(), dim=-1)
+    rows, cols = masks["samples"], masks["all_samples"]
+    labels = torch.arange(B, device=comp.device) + get_rank() * B
+    losses = []
+    for q, g in ((z1, z2), (z2, z1)):
+        logits = torch.where(cols[None, :], q @ gather_with_grad(g).T / temperature, torch.finfo(q.dtype).min)
+        ce = F.cross_entropy(logits, labels, reduction="none")  # (B,) local rows against all columns
+        losses.append(world * torch.where(rows, ce, torch.zeros_like(ce)).sum() / masks["n_samples"])
+    return (losses[0] + losses[1]) / 2
+
+
 def topk_hits(sim, k):
     """sim (Nq, Ng), ground truth of query i is gallery i -> (Nq,) probability that the true item is in the top k
     when ties are broken at random, on the device.
@@ -235,12 +264,14 @@ class Stage2Loss(nn.Module):
     complementary_l2: "sum" or "mean" (see complementary_terms); the recon / residual terms need the matching
     RegisterModule decoders (recon_dims / residual_dims); contrastive_prefixes: "full" (the contrastive loss on the
     K_o overlapping tokens) or "all" (its mean over the prefixes k = 1..K_o); complementary_difference_weight: the
-    batch-level difference term (difference_term). The defaults are the original objective.
+    batch-level difference term (difference_term); complementary_view_weight: the view contrastive term (view_term,
+    needs out["view2"]). The defaults are the original objective.
     """
 
     def __init__(self, num_overlapping, complementary_reg_weight=0.0, complementary_recon_weight=0.0,
                  complementary_reg_terms=("l2", "diversity"), complementary_l2="sum",
-                 complementary_residual_weight=0.0, contrastive_prefixes="full", complementary_difference_weight=0.0):
+                 complementary_residual_weight=0.0, contrastive_prefixes="full", complementary_difference_weight=0.0,
+                 complementary_view_weight=0.0):
         super().__init__()
         if not set(complementary_reg_terms) <= {"l2", "diversity"}:
             raise ValueError(f"complementary_reg_terms must be among 'l2', 'diversity', got {complementary_reg_terms}")
@@ -252,7 +283,7 @@ class Stage2Loss(nn.Module):
         self.reg_weight, self.recon_weight = complementary_reg_weight, complementary_recon_weight
         self.reg_terms, self.l2 = tuple(complementary_reg_terms), complementary_l2
         self.residual_weight = complementary_residual_weight
-        self.difference_weight = complementary_difference_weight
+        self.difference_weight, self.view_weight = complementary_difference_weight, complementary_view_weight
         # "all": Matryoshka Representation Learning's every-prefix loss (unweighted mean over k)
         self.prefixes = range(1, num_overlapping + 1) if contrastive_prefixes == "all" else [num_overlapping]
 
@@ -293,10 +324,16 @@ class Stage2Loss(nn.Module):
                 raise ValueError("complementary_residual_weight > 0 needs RegisterModule(residual_dims=...)")
             total = total + self.residual_weight * self.per_modality(
                 "residual", {m: residual_term(p, out["global"][m], masks) for m, p in out["residual"].items()}, terms)
+        comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}  # (B, E)
         if self.difference_weight > 0:
-            comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}
             total = total + self.difference_weight * self.per_modality(
                 "difference", {m: difference_term(shared[m], comp[m], masks) for m in registers}, terms)
+        if self.view_weight > 0:
+            if "view2" not in out:
+                raise ValueError("complementary_view_weight > 0 needs a second augmented view (out['view2'])")
+            comp2 = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in out["view2"].items()}
+            total = total + self.view_weight * self.per_modality(
+                "view", {m: view_term(comp[m], comp2[m], masks) for m in registers}, terms)
         terms["logit_scale"] = out["logit_scale"].detach()
         terms["loss"] = total.detach()
         return total, terms

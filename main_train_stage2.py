@@ -124,6 +124,10 @@ def get_args_parser():
                    help="weight of Domain Separation Networks' batch-level difference term: the squared "
                         "correlations over the batch between the (detached) shared embedding and the complementary "
                         "token (0: off)")
+    g.add_argument("--complementary_view_weight", default=0.0, type=non_negative_float,
+                   help="weight of the view contrastive term (FactorCL): InfoNCE between the complementary tokens of "
+                        "two augmented views of each sample; training then reads two views (a --feature_cache needs "
+                        "cache_features.py --cache_views 2 or more) (0: off)")
     g.add_argument("--complementary_pathway", default="shared", choices=["shared", "separate"],
                    help="separate: the complementary tokens get their own tokens, blocks, norm and head and read a "
                         "stop-gradient copy of the context, so no complementary objective changes the overlapping "
@@ -159,7 +163,8 @@ def get_args_parser():
 MISSION = dict(complementary_pathway="shared", complementary_reg_weight=0.01,
                complementary_reg_terms=["l2", "diversity"], complementary_l2="sum", complementary_recon_weight=0.0,
                complementary_residual_weight=0.0, complementary_residual_source="own",
-               complementary_difference_weight=0.0, contrastive_prefixes="full", nested_dropout_rate=0.5)
+               complementary_difference_weight=0.0, complementary_view_weight=0.0, contrastive_prefixes="full",
+               nested_dropout_rate=0.5)
 PRESETS = {"mission": MISSION, "custom": {},
            "separate": dict(MISSION, complementary_pathway="separate", complementary_residual_weight=1.0,
                             complementary_residual_source="partner", contrastive_prefixes="all",
@@ -181,7 +186,11 @@ def parse_args(argv=None):
                      f"({args.register_heads})")
     if args.complementary_pathway == "separate" and not complementary_objective(args):
         parser.error("--complementary_pathway separate: no complementary objective is on (--complementary_reg_weight, "
-                     "_recon_weight, _residual_weight, _difference_weight all 0): its pathway would train on nothing")
+                     "_recon_weight, _residual_weight, _difference_weight, _view_weight all 0): its pathway would "
+                     "train on nothing")
+    if args.complementary_view_weight > 0 and args.no_augment:
+        parser.error("--complementary_view_weight needs two different augmented views of each sample: not with "
+                     "--no_augment")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
     if args.check_data and args.feature_cache:
@@ -197,7 +206,8 @@ def parse_args(argv=None):
 
 def complementary_objective(args):
     """Whether any loss term trains the complementary tokens."""
-    return any(getattr(args, f"complementary_{t}_weight") > 0 for t in ("reg", "recon", "residual", "difference"))
+    return any(getattr(args, f"complementary_{t}_weight") > 0
+               for t in ("reg", "recon", "residual", "difference", "view"))
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -282,7 +292,7 @@ def build_model(args, stage1):
 def build_criterion(args):
     return Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight, args.complementary_recon_weight,
                       args.complementary_reg_terms, args.complementary_l2, args.complementary_residual_weight,
-                      args.contrastive_prefixes, args.complementary_difference_weight)
+                      args.contrastive_prefixes, args.complementary_difference_weight, args.complementary_view_weight)
 
 
 # --------------------------------------------------------------------------------------------------- logging

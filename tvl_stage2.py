@@ -209,11 +209,13 @@ class RegisterModule(nn.Module):
         rate = self.nested_dropout_rate if self.training else 0.0
         return nested_dropout_mask(batch_size, self.num_tokens, rate, generator, self.register_tokens.device)
 
-    def forward(self, tokens, padding_mask=None, keep=None, generator=None):
+    def forward(self, tokens, padding_mask=None, keep=None, generator=None, view2=None):
         """tokens {m: (B, N_m, C_m)}, padding_mask {m: bool (B, N_m), True = padded} -> {"registers": {m: (B, K, E)}
         every token (dropped ones too; `keep` says which count), "keep": bool (B, K), "logit_scale": 0-d, and, with
         their decoders, "recon" / "residual": {m: (B, E_m)} predictions of Stage 1's global embedding ("residual"
-        with residual_source "partner": (P, B, E_m), one per other modality)}."""
+        with residual_source "partner": (P, B, E_m), one per other modality)}.
+        view2: {"tokens", "padding_mask"} of a second augmented view of the same samples (the view contrastive
+        term): its registers are returned too, as "view2": {m: (B, K, E)}, under the same keep mask."""
         padding_mask = padding_mask or {}
         if keep is None:
             keep = self.keep_mask(next(iter(tokens.values())).shape[0], generator)
@@ -221,6 +223,9 @@ class RegisterModule(nn.Module):
         # No clamp here: a clamp in the forward has no gradient above the bound, which would freeze a temperature
         # that starts there; clamp_logit_scale bounds the parameter itself after each optimizer step instead.
         out = {"registers": registers, "keep": keep, "logit_scale": self.logit_scale.exp()}
+        if view2 is not None:
+            pad2 = view2.get("padding_mask") or {}
+            out["view2"] = {m: self.encode(m, feats, pad2.get(m)) for m, feats in view2["tokens"].items()}
         if self.recon is not None:
             # Dropped tokens are zeroed, so they contribute exactly nothing to the linear decoder. With a separate
             # pathway the overlapping tokens are read stop-gradient: they answer to the contrastive loss alone.
@@ -243,17 +248,23 @@ class FluxTalk(nn.Module):
         self.registers = registers  # the RegisterModule; main_train_stage2 may replace it by its DDP wrapper
 
     def forward(self, batch, keep=None, generator=None):
-        if "tokens" in batch:  # a feature-cache batch already holds Stage 1's outputs (tokens stored in float16)
-            feats = dict(batch, tokens={m: t.float() for m, t in batch["tokens"].items()})
-        else:
-            feats = self.stage1(batch)
+        """batch: raw inputs {m: tensor} or a feature-cache batch, each optionally with a second augmented view
+        under "view2" (in the same form) -> the register module's output dict plus "global"."""
+        feats = self.features(batch)
+        view2 = self.features(batch["view2"]) if "view2" in batch else None
         if keep is None:
             # Drawn here rather than inside the register module: the rate changes every step, which would make a
             # torch.compile'd register module recompile every step.
             keep = self.unwrapped_registers.keep_mask(next(iter(feats["tokens"].values())).shape[0], generator)
-        out = self.registers(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator)
+        out = self.registers(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator, view2=view2)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
         return out
+
+    def features(self, batch):
+        """Stage 1's {"tokens", "padding_mask", "global"}: computed, or as the feature cache holds them."""
+        if "tokens" in batch:  # a feature-cache batch already holds Stage 1's outputs (tokens stored in float16)
+            return dict(batch, tokens={m: t.float() for m, t in batch["tokens"].items()})
+        return self.stage1(batch)
 
     @property
     def unwrapped_registers(self):

@@ -13,14 +13,15 @@ DIMS = {"tactile": 12, "text": 10, "vision": 14}
 # Every loss term is on in at least one case: the shared pathway with the own residual, and the separate pathway
 # with the partner residual and the all-prefix contrastive loss.
 CASES = {
-    "shared": (dict(), dict(complementary_difference_weight=0.2)),
+    "shared": (dict(), dict(complementary_difference_weight=0.2, complementary_view_weight=0.3)),
     "separate": (dict(complementary_pathway="separate", residual_source="partner"),
-                 dict(contrastive_prefixes="all", complementary_difference_weight=0.2)),
+                 dict(contrastive_prefixes="all", complementary_difference_weight=0.2, complementary_view_weight=0.3)),
 }
 
 
 def build_case(case="shared"):
-    """Same model, batch and keep mask on every process (seeded): (module, loss_fn, tokens, pad, global, keep)."""
+    """Same model, batch and keep mask on every process (seeded): (module, loss_fn, tokens, pad, global, keep);
+    tokens["view2"] holds a second view of the batch (the view term)."""
     model_kw, loss_kw = CASES[case]
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -29,6 +30,7 @@ def build_case(case="shared"):
     tokens = {m: torch.randn(GLOBAL_BATCH, 6, c, generator=g) for m, c in DIMS.items()}
     pad = {"text": torch.arange(6)[None, :] >= torch.randint(2, 7, (GLOBAL_BATCH, 1), generator=g)}
     glob = {m: torch.randn(GLOBAL_BATCH, E, generator=g) for m in DIMS}
+    tokens["view2"] = {m: t + 0.5 * torch.randn(t.shape, generator=g) for m, t in tokens.items()}
     # prefix lengths 1..K: some samples keep no complementary token, some keep 1 or 2; the halves keep different
     # numbers of samples with a complementary token (2 and 3), so a per-rank mean would differ from the global one
     keep = torch.arange(K)[None, :] < torch.tensor([4, 1, 3, 2, 4, 3, 4, 2])[:, None]
@@ -38,7 +40,9 @@ def build_case(case="shared"):
 
 
 def step(module, loss_fn, tokens, pad, glob, keep, rows):
-    out = module({m: t[rows] for m, t in tokens.items()}, {m: p[rows] for m, p in pad.items()}, keep=keep[rows])
+    pad = {m: p[rows] for m, p in pad.items()}
+    view2 = {"tokens": {m: t[rows] for m, t in tokens["view2"].items()}, "padding_mask": pad}
+    out = module({m: t[rows] for m, t in tokens.items() if m != "view2"}, pad, keep=keep[rows], view2=view2)
     out["global"] = {m: g[rows] for m, g in glob.items()}
     total, terms = loss_fn(out)
     total.backward()

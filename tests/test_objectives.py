@@ -1,17 +1,23 @@
-"""The issue-17 objectives end to end: training from a feature cache with --objective separate, resuming it, and
-reading its embeddings back through embed_stage2."""
+"""The issue-17 objectives end to end: training from a feature cache with --objective separate (and the view term),
+resuming it, reading its embeddings back through embed_stage2; the two views the view term reads, from the cache
+and online; the cache it refuses."""
+import argparse
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import default_collate
 
 import cache_features
 import embed_stage2
+import data_stage2 as D
 import feature_cache as FC
 import main_train_stage2 as M
 from conftest import TINY_REGISTERS, assert_same_model, load, read_log, stage1_flags
+from test_train import NEW_OBJECTIVE_FLAGS
 from tvl_stage2 import RegisterModule
 
 
@@ -78,9 +84,7 @@ def test_objective_separate_trains_from_a_cache_resumes_bitwise_and_embeds(view_
         assert result["registers"][m].shape == regs.shape == (len(result["index"]), 4, 64)
         torch.testing.assert_close(result["registers"][m], regs, rtol=0, atol=1e-6)
     # a checkpoint of a run from before these flags existed (its args lack them) loads with the original objective
-    new_flags = ("objective", "complementary_pathway", "complementary_residual_source",
-                 "complementary_difference_weight", "contrastive_prefixes")
-    old_args = {k: v for k, v in ckpt["args"].items() if k not in new_flags}
+    old_args = {k: v for k, v in ckpt["args"].items() if k not in NEW_OBJECTIVE_FLAGS}
     old_args["complementary_residual_weight"] = 0.0
     mission = M.parse_args(stage1_flags(tiny_stage1_files) + TINY_REGISTERS + ["--device", "cpu"])
     torch.save(dict(ckpt, args=old_args, model=M.build_model(mission, model.stage1).trainable_state_dict()),
@@ -88,3 +92,72 @@ def test_objective_separate_trains_from_a_cache_resumes_bitwise_and_embeds(view_
     model, args = embed_stage2.load_stage2(str(tmp_path / "old.pth"))
     assert not model.unwrapped_registers.separate and model.unwrapped_registers.residual is None
     assert (args.complementary_pathway, args.contrastive_prefixes) == ("shared", "full")
+
+
+@pytest.mark.slow
+def test_view_term_trains_from_a_two_view_cache_and_online(view_cache, short_tvl, tiny_stage1_files, tmp_path):
+    flags = cache_run_flags(tiny_stage1_files, short_tvl, view_cache, tmp_path / "cached", "--epochs", "1",
+                            "--objective", "separate", "--complementary_view_weight", "0.5")
+    assert M.main(flags) == 0
+    line = read_log(tmp_path / "cached")[0]
+    assert line["train_view"] > 0 and all(line[f"train_view_{m}"] > 0 for m in ("vision", "tactile", "text"))
+    # online: two augmentation draws per sample, two modalities (half the encoder cost)
+    online = [a for a in flags if a != view_cache]
+    online.remove("--feature_cache")
+    online[online.index(str(tmp_path / "cached"))] = str(tmp_path / "online")
+    assert M.main(online + ["--active_modality_names", "vision", "tactile"]) == 0
+    assert read_log(tmp_path / "online")[0]["train_view"] > 0
+
+
+@pytest.mark.slow
+def test_cached_second_view_is_another_augmented_view(view_cache):
+    meta = json.load(open(os.path.join(view_cache, "train", "meta.json")))
+    ds = FC.CachedFeatureDataset(view_cache, "train", meta, ("vision", "text"), seed=0, augment=True, two_views=True)
+    seen = set()
+    for epoch in range(4):
+        for i in range(len(ds)):
+            v1, v2 = ds.view(i, epoch), ds.second_view(i, epoch)
+            assert {v1, v2} == {1, 2}  # two augmented views: always both, never the plain view 0
+            seen.add(v1)
+    assert seen == {1, 2}
+    item = ds[(3, 5)]
+    k, j = divmod(5, meta["shard_size"])
+    arrays = os.path.join(view_cache, "train", f"shard_{k:05d}")
+    tokens = torch.from_numpy(np.load(os.path.join(arrays, "vision_tokens.npy")))
+    assert torch.equal(item["tokens"]["vision"], tokens[ds.view(5, 3), j])
+    assert torch.equal(item["view2"]["tokens"]["vision"], tokens[ds.second_view(5, 3), j])
+    assert set(item["view2"]) == {"tokens", "global", "padding_mask"} and "index" not in item["view2"]
+
+
+def test_online_second_view_is_an_independent_augmentation_draw(short_tvl, tiny_stage1):
+    args = D.add_data_args(argparse.ArgumentParser()).parse_args(["--datasets_dir", short_tvl])
+    D.resolve_recipe(args, tiny_stage1)
+    one = D.build_dataset(args, "train", tiny_stage1.tokenizer, ("vision", "tactile"), seed=0)
+    args.complementary_view_weight = 0.5
+    two = D.build_dataset(args, "train", tiny_stage1.tokenizer, ("vision", "tactile"), seed=0)
+    val = D.build_dataset(args, "val", tiny_stage1.tokenizer, ("vision", "tactile"), seed=0)
+    assert "view2" not in val[0] and "view2" not in one[(1, 2)]
+    item, ref = two[(1, 2)], one[(1, 2)]
+    for m in ("vision", "tactile"):
+        assert torch.equal(item[m], ref[m])  # the first view is the one training without the term reads
+        assert item["view2"][m].shape == item[m].shape and not torch.equal(item["view2"][m], item[m])
+    assert torch.equal(two[(1, 2)]["view2"]["vision"], item["view2"]["vision"])  # a function of (seed, epoch, index)
+    assert not torch.equal(two[(2, 2)]["view2"]["vision"], item["view2"]["vision"])
+
+
+@pytest.mark.slow
+def test_view_term_refuses_a_cache_with_one_augmented_view(view_cache, short_tvl, tiny_stage1_files, tmp_path,
+                                                          capsys):
+    cache = str(tmp_path / "one_view")
+    shutil.copytree(view_cache, cache)
+    path = os.path.join(cache, "train", "meta.json")
+    meta = json.load(open(path))
+    json.dump(dict(meta, views=2), open(path, "w"))  # the plain view + one augmented view
+    out = tmp_path / "run"
+    code = M.main(cache_run_flags(tiny_stage1_files, short_tvl, cache, out, "--epochs", "1",
+                                  "--complementary_view_weight", "0.5"))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert line == (f"error: --complementary_view_weight 0.5 needs two augmented views per sample: --feature_cache "
+                    f"{cache} (train) has 1 (rebuild it with cache_features.py --cache_views 2 or more)")
+    assert not (out / "checkpoint.pth").exists()

@@ -198,7 +198,7 @@ def test_complementary_flags_reach_the_loss_and_the_model(tiny_stage1):
 
 
 NEW_OBJECTIVE_FLAGS = ("objective", "complementary_pathway", "complementary_residual_source",
-                       "complementary_difference_weight", "contrastive_prefixes")
+                       "complementary_difference_weight", "complementary_view_weight", "contrastive_prefixes")
 
 
 def test_objective_mission_is_the_original_objective_and_explicit_flags_override_presets(tiny_stage1):
@@ -212,9 +212,9 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
         0.5, 0.01, ["l2", "diversity"], "sum", 0.0, 0.0)
     assert {k: plain[k] for k in NEW_OBJECTIVE_FLAGS} == {
         "objective": "mission", "complementary_pathway": "shared", "complementary_residual_source": "own",
-        "complementary_difference_weight": 0.0, "contrastive_prefixes": "full"}
+        "complementary_difference_weight": 0.0, "complementary_view_weight": 0.0, "contrastive_prefixes": "full"}
     loss = main_mod.build_criterion(main_mod.parse_args(SEED_COMMAND))
-    assert (list(loss.prefixes), loss.difference_weight) == ([3], 0.0)
+    assert (list(loss.prefixes), loss.difference_weight, loss.view_weight) == ([3], 0.0, 0.0)
     # the preset without the seed command's explicit --nested_dropout_rate 0.5
     base = list(SEED_COMMAND)
     i = base.index("--nested_dropout_rate")
@@ -255,6 +255,8 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     (["--complementary_difference_weight", "-1"], "--complementary_difference_weight"),
     (["--contrastive_prefixes", "some"], "--contrastive_prefixes"),
     (["--complementary_pathway", "separate", "--complementary_reg_weight", "0"], "--complementary_pathway separate"),
+    (["--complementary_view_weight", "-1"], "--complementary_view_weight"),
+    (["--complementary_view_weight", "1", "--no_augment"], "--complementary_view_weight"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_invalid_values_fail_at_parse_time(extra, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loss_stage2 import (Stage2Loss, complementary_masks, complementary_terms, difference_term, masked_mean,
-                         residual_term)
+                         residual_term, view_term)
 from tvl_stage2 import FluxTalk, RegisterModule, nested_dropout_mask
 
 DIMS = {"tactile": 12, "text": 10, "vision": 14}
@@ -149,7 +149,11 @@ def test_no_complementary_gradient_reaches_the_overlapping_pathway():
     module = _module(complementary_pathway="separate", residual_dims={m: 5 for m in DIMS},
                      recon_dims={m: 5 for m in DIMS}, residual_source="partner")
     keep = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    out = module(_tokens(), {"text": torch.arange(7)[None, :] >= torch.tensor([2, 7, 4])[:, None]}, keep=keep)
+    pad = {"text": torch.arange(7)[None, :] >= torch.tensor([2, 7, 4])[:, None]}
+    out = module(_tokens(), pad, keep=keep, view2={"tokens": _tokens(seed=1), "padding_mask": pad})
+    with torch.no_grad():  # the second view's registers are the module's output on the second view
+        alone = module(_tokens(seed=1), pad, keep=keep)["registers"]
+    assert all(torch.allclose(out["view2"][m], alone[m], atol=1e-6) for m in DIMS)
     out["global"] = {m: torch.randn(3, 5, generator=torch.Generator().manual_seed(1)) for m in DIMS}
     regs, masks = out["registers"], complementary_masks(keep[:, 3:])
     shared = {m: masked_mean(r[:, :3], keep[:, :3]) for m, r in regs.items()}
@@ -158,6 +162,7 @@ def test_no_complementary_gradient_reaches_the_overlapping_pathway():
         "l2+diversity": sum(sum(complementary_terms(r[:, 3:], keep[:, 3:], shared[m], masks)) for m, r in regs.items()),
         "residual": sum(residual_term(out["residual"][m], out["global"][m], masks) for m in DIMS),
         "difference": sum(difference_term(shared[m], comp[m], masks) for m in DIMS),
+        "view": sum(view_term(comp[m], masked_mean(out["view2"][m][:, 3:], keep[:, 3:]), masks) for m in DIMS),
         "recon": sum((1 - torch.cosine_similarity(out["recon"][m], out["global"][m])).mean() for m in DIMS)}
     overlap = overlapping_parameters(module)
     comp_params = {n: p for n, p in module.named_parameters() if n.startswith("comp_")}
