@@ -68,6 +68,7 @@ sys.path.insert(0, ROOT)  # run as a script from anywhere
 
 import cache_features  # noqa: E402
 import main_train_stage2 as train  # noqa: E402
+from data_stage2 import DataError  # noqa: E402
 from feature_cache import load_cache_meta  # noqa: E402
 from loss_stage2 import prefix_curve, recall_at_k  # noqa: E402
 from stage1 import build_stage1  # noqa: E402
@@ -284,6 +285,14 @@ def available_arms(wanted):
     return arms, skipped
 
 
+def run_failed(what, code, out_dir):
+    """RuntimeError quoting the trainer's one-line error from the run's stdout.txt."""
+    log = os.path.join(out_dir, "stdout.txt")
+    with open(log) as f:
+        errors = [line for line in f.read().splitlines() if line.startswith(("error:", "stopped:"))]
+    return RuntimeError(f"{what} failed (exit {code}): {errors[-1] if errors else 'see ' + log}")
+
+
 def train_run(argv, out_dir, stage1):
     """Trains one run in this process (afresh: an old out_dir is removed); -> (args, seconds)."""
     if os.path.isdir(out_dir):
@@ -292,7 +301,7 @@ def train_run(argv, out_dir, stage1):
     t0 = time.time()
     code = quiet(lambda: train.main(argv), os.path.join(out_dir, "stdout.txt"))
     if code:
-        raise RuntimeError(f"training failed (exit {code}): see {os.path.join(out_dir, 'stdout.txt')}")
+        raise run_failed(f"training {out_dir}", code, out_dir)
     return run_args(argv, stage1), time.time() - t0
 
 
@@ -304,7 +313,7 @@ def tvl_metrics(argv, out_dir, splits):
         code = quiet(lambda: train.main(argv + ["--eval_only", "--resume", os.path.join(out_dir, "checkpoint.pth"),
                                                 "--eval_split", split]), os.path.join(out_dir, "stdout.txt"))
         if code:
-            raise RuntimeError(f"--eval_only failed (exit {code}): see {os.path.join(out_dir, 'stdout.txt')}")
+            raise run_failed(f"--eval_only {split} of {out_dir}", code, out_dir)
         with open(os.path.join(out_dir, f"eval_{split}.json")) as f:
             out[split] = json.load(f)
     return out
@@ -529,6 +538,23 @@ def run_lengths(source, src, spec, stage1, work, lengths, seeds, arms, default_a
     src["lengths"] = {"best": best, "runs": runs}
 
 
+def run_sources(results, sources, size, epochs, seeds, lengths, arms, default, work, a):
+    """Every source's runs into results["sources"]."""
+    tiny = tiny_stage1(work) if any(s in ("latent", "tvl") for s in sources) else None
+    for source in sources:
+        if source.startswith("cache:"):
+            spec, stage1 = prepare_user_cache(source, a)
+        else:
+            spec = prepare_source(source, work, size, tiny[0], tiny[1])
+            stage1 = tiny[1]
+        spec["flags"] = spec["flags"] + ["--device", a.device]
+        source_arms = [x for x in arms if source != "tvl" or x[0] in TVL_ARMS]
+        src = results["sources"][source] = run_source(source, spec, stage1, work, epochs[source], seeds,
+                                                      source_arms, a.device)
+        if source == "latent" and lengths:
+            run_lengths(source, src, spec, stage1, work, lengths, seeds, source_arms, PRESETS[default][0], a.device)
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -569,19 +595,13 @@ def main(argv=None):
     results = {"command": " ".join(["python study/run_study.py"] + (argv if argv is not None else sys.argv[1:])),
                "size": size_name, "seeds": seeds, "epochs": epochs, "lengths": list(lengths), "threads": a.threads,
                "device": a.device, "default_objective": default, "skipped_arms": skipped, "sources": {}}
-    tiny = tiny_stage1(work) if any(s in ("latent", "tvl") for s in sources) else None
-    for source in sources:
-        if source.startswith("cache:"):
-            spec, stage1 = prepare_user_cache(source, a)
-        else:
-            spec = prepare_source(source, work, size, tiny[0], tiny[1])
-            stage1 = tiny[1]
-        spec["flags"] = spec["flags"] + ["--device", a.device]
-        source_arms = [x for x in arms if source != "tvl" or x[0] in TVL_ARMS]
-        src = results["sources"][source] = run_source(source, spec, stage1, work, epochs[source], seeds,
-                                                      source_arms, a.device)
-        if source == "latent" and lengths:
-            run_lengths(source, src, spec, stage1, work, lengths, seeds, source_arms, PRESETS[default][0], a.device)
+    try:
+        run_sources(results, sources, size, epochs, seeds, lengths, arms, default, work, a)
+    except DataError as e:  # a cache:DIR that is no cache
+        return fail(str(e))
+    except RuntimeError as e:  # a run that failed: the trainer's line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     results["headline_source"] = "latent" if "latent" in sources else sources[0]
     results["wall_time_s"] = time.time() - t0
     os.makedirs(out, exist_ok=True)

@@ -160,6 +160,21 @@ def test_arm_flags_follow_the_trainer():
     assert arm_flags(MISSION + ["--complementary_view_weight", "1"], {"--objective"}) is None
 
 
+def test_bad_sources_are_refused_in_one_line(tmp_path, capsys):
+    """A cache:DIR that is no folder, or holds no cache, ends in one line naming it and exit 2, before any run."""
+    from study.run_study import main
+    with pytest.raises(SystemExit) as e:
+        main(["--sources", f"cache:{tmp_path / 'missing'}", "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and "cache:DIR" in capsys.readouterr().err.strip().splitlines()[-1]
+    out = ["--output", str(tmp_path / "out"), "--arms", "mission", "nd0"]
+    assert main(["--sources", f"cache:{tmp_path}"] + out) == 2
+    assert capsys.readouterr().err.strip() == ("error: --sources cache:DIR needs --stage1_checkpoint (and "
+                                               "--clip_model/--clip_pretrained) of the Stage 1 that made the cache")
+    assert main(["--sources", f"cache:{tmp_path}", "--stage1_checkpoint", "x.pth"] + out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --feature_cache {tmp_path}: no train/meta.json"), err
+
+
 SUMMARY = (r"ordering_gain=(-?[\d.]+|nan) ordering_std=([\d.]+|nan) pooled_cost=(-?[\d.]+|nan) "
            r"unique_gain=(-?[\d.]+|nan) unique_std=([\d.]+|nan) specific_gain=(-?[\d.]+|nan) "
            r"specific_std=([\d.]+|nan) seeds=(\d+)")
