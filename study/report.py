@@ -124,6 +124,13 @@ def hypotheses(results):
     d = lambda a, b, key: ms(diff(arms[a]["runs"], arms[b]["runs"], key))  # noqa: E731
     v = lambda a, key: ms(values(arms[a]["runs"], key))  # noqa: E731
     yes = lambda ok: "holds" if ok else "fails"  # noqa: E731
+
+    def costed(arm, evidence, ok):
+        """Evidence and verdict of an objective on the complementary token, with its pooled R@1 cost vs mission."""
+        cost = d("mission", arm, "pooled")
+        verdict = yes(ok) + (f", at a pooled R@1 cost of {cost[0]:.1f} points" if ok and cost[0] > COST_POINTS else "")
+        return f"{evidence}; pooled R@1 cost vs mission {fmt(cost)}", verdict
+
     rows = []
     lengths = L.get("lengths", {}).get("runs", {}).get("mission")
     if lengths and len(lengths) > 1:
@@ -143,22 +150,25 @@ def hypotheses(results):
     if has("difference", "mission"):
         sel = d("difference", "mission", "comp_shared")
         rows.append(("2", "a batch-level (DSN) difference loss keeps shared information out of the complementary "
-                     "token", "difference vs mission", f"complementary, shared: {fmt(sel, 3)} (difference minus "
-                     f"mission); unique_gain {fmt(v('difference', 'unique_gain'), 3)}",
-                     yes(sel[0] < 0 and above((-sel[0], sel[1])))))
+                     "token", "difference vs mission", *costed(
+                         "difference", f"complementary, shared: {fmt(sel, 3)} (difference minus mission); "
+                         f"unique_gain {fmt(v('difference', 'unique_gain'), 3)}",
+                         sel[0] < 0 and above((-sel[0], sel[1])))))
     else:
         rows.append(("2", "DSN difference loss", "difference", "not run", "not run"))
-    if has("partner", "residual"):
+    if has("partner", "residual", "mission"):
         g = d("partner", "residual", "unique_gain")
         rows.append(("3a", "a cross-modal (partner) residual gives the complementary token more to add than the "
-                     "own residual", "partner vs residual", f"unique_gain partner {fmt(v('partner', 'unique_gain'), 3)}"
-                     f", minus residual {fmt(g, 3)}", yes(above(g) and above(v("partner", "unique_gain")))))
+                     "own residual", "partner vs residual", *costed(
+                         "partner", f"unique_gain partner {fmt(v('partner', 'unique_gain'), 3)}, minus residual "
+                         f"{fmt(g, 3)}", above(g) and above(v("partner", "unique_gain")))))
     else:
         rows.append(("3a", "cross-modal residual", "partner, residual", "not run", "not run"))
     if has("view", "mission"):
         g = d("view", "mission", "unique_gain")
         rows.append(("3b", "an intra-modality view contrastive term makes the complementary token keep specific "
-                     "information", "view vs mission", f"unique_gain view minus mission {fmt(g, 3)}", yes(above(g))))
+                     "information", "view vs mission", *costed("view", f"unique_gain view minus mission {fmt(g, 3)}",
+                                                               above(g))))
     else:
         rows.append(("3b", "view contrastive term", "view", "not run", "not run"))
     h = ordering(L, "prefix_all", "nd0")
