@@ -248,6 +248,21 @@ def headline_markdown(results):
                   "pooled_cost (points)", "ordering", "unique_gain", "specific_gain", "seeds"], rows)
 
 
+def elsewhere_markdown(results):
+    """The same two rules on the other sources, one line each: where the headline source's verdict is or is not
+    replicated."""
+    lines = []
+    for source, src in results["sources"].items():
+        if source == results["headline_source"]:
+            continue
+        objs = [r["arm"] for r in objective_decisions(src) if r["passes"] and r["arm"] != "mission"]
+        orders = [h["arm"] for h in ordering_decisions(src) if h["passes"]]
+        lines.append(f"On the {source} source by the same rules: arms meeting the objective bar: "
+                     f"{', '.join(objs) if src['kinds'] and objs else 'none' if src['kinds'] else 'not measurable'}; "
+                     f"ordering mechanisms meeting the ordering bar: {', '.join(orders) or 'none'}.")
+    return lines + [""] if lines else []
+
+
 def decision_markdown(src):
     """The issue's two rules applied to the headline source's numbers."""
     objs, orders = objective_decisions(src), ordering_decisions(src)
@@ -316,7 +331,8 @@ def source_markdown(source, src, default_arm):
         ["arm"] + [c[1] for c in pcols], [[a] + [fmt(ms(diff(src["arms"][a]["runs"], src["arms"][ref]["runs"], k)), dg)
                                                  for k, _, dg in pcols] for a in arms if a != ref])
     lines += ["", "Arms: " + "; ".join(f"`{a}` = {src['arms'][a]['description']}" for a in arms) + ". `init` = the "
-              "untrained register module of each seed (the control).", "",
+              "untrained register module of each seed with the trainer's default flags (the unique_gain control is "
+              "each arm's own untrained module: `aligned+complementary(init)`).", "",
               "Stage 1 global embedding R@1: " + ", ".join(f"{p} {np.mean(list(v.values())):.1f}"
                                                            for p, v in src["stage1"]["r1"].items()), ""]
     lines += [f"### Prefix curve (R@1 from the first k tokens, k = 1..{K}; k > {k_o} adds complementary tokens)",
@@ -327,8 +343,8 @@ def source_markdown(source, src, default_arm):
         h = ordering(src, arm, control)
         if h:
             lines.append(f"\n`{arm}` ({how}) vs `{control}`: ordering_gain {fmt(h['ordering_gain'])}, pooled_cost "
-                         f"{fmt(h['pooled_cost'])}: **{h['verdict']}** (flat: the control's first token within "
-                         f"{FLAT_POINTS:g} points of its pooled R@1).")
+                         f"{fmt(h['pooled_cost'])}: **{h['verdict']}** (untestable where the control's first token "
+                         f"is within {FLAT_POINTS:g} points of its pooled R@1).")
     lines += ["", f"![prefix curves](prefix_{source_file(source)}.png)", ""]
     lines += tvl_markdown(src)
     if src["kinds"]:
@@ -375,7 +391,7 @@ def write_report(results, out):
         lines += [f"Arms not run (flags missing in this main_train_stage2): {', '.join(results['skipped_arms'])}", ""]
     lines += ["## Headline", ""] + headline_markdown(results) + [""]
     main_src = results["sources"][results["headline_source"]]
-    lines += decision_markdown(main_src)
+    lines += decision_markdown(main_src) + elsewhere_markdown(results)
     lines += ["## Hypotheses (issue 17), verdicts computed", ""] + table(
         ["#", "hypothesis", "arms", "evidence", "verdict"], [list(r) for r in hypotheses(results)]) + [""]
     lines += lengths_markdown(main_src)
@@ -393,7 +409,8 @@ def probe_rows(src, arm):
             rows.append((f"{m} {rep}", {f: [r["probes"][m][rep][f] for r in src["arms"][arm]["runs"]]
                                        for f in src["kinds"]}))
         for rep in ("aligned", "complementary"):
-            rows.append((f"{m} {rep} (init)", {f: [r["probes"][m][rep][f] for r in src["init"]] for f in src["kinds"]}))
+            rows.append((f"{m} {rep} (untrained default module)",
+                         {f: [r["probes"][m][rep][f] for r in src["init"]] for f in src["kinds"]}))
         rows.append((f"{m} Stage 1 global", {f: [src["stage1"]["probes"][m][f]] for f in src["kinds"]}))
     return rows
 
@@ -439,8 +456,11 @@ def plot(results, out):
                 m = [ms(values(by_ep[e], key)) for e in eps]
                 ax.errorbar([int(e) for e in eps], [x[0] for x in m], yerr=[x[1] for x in m], capsize=3, marker="o",
                             label=arm)
+        ticks = sorted({int(e) for by_ep in axis["runs"].values() for e in by_ep})
         for ax, key in zip(axes, ("unique_gain", "aligned embedding, own specific factors")):
             ax.set(xscale="log", xlabel="epochs", ylabel=key, title=key)
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "lengths.png"), dpi=110)

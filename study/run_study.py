@@ -1,8 +1,8 @@
 """Does FluxTalk do what it claims? Train Stage 2 under several objectives and seeds on data with known factors,
 and measure retrieval, prefix ordering and what each register token holds, on the representation users get.
 
-    python study/run_study.py --quick --output /tmp/study     # ~6 min on a 2-core CPU: the headline arms, latent
-    python study/run_study.py                                 # the full study, into study/results/
+    python study/run_study.py --quick --output /tmp/study     # 4-8 min on a shared 2-core CPU: the headline arms
+    python study/run_study.py                                 # the full study (~25 min), into study/results/
     python study/run_study.py --sources cache:/data/tvl_cache --stage1_checkpoint tvl_enc_vitb.pth \\
         --clip_model ViT-L-14 --clip_pretrained datacomp_xl_s13b_b90k \\
         --arms mission nd0 objective_separate separate_noorder --seeds 3 --epochs 20 --device cuda

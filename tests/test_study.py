@@ -259,7 +259,8 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
     # Stage 1's numbers do not depend on the arm
     assert src["arms"]["nd0"]["runs"][0]["tvl"]["test"]["stage1"] == run["tvl"]["test"]["stage1"]
     md = (out / "RESULTS.md").read_text()
-    assert "TVL metrics, arm `mission`, test split" in md and "unique_gain" not in md.split("## Source")[1]
+    header = md.split("### Arms")[1].strip().splitlines()[0]
+    assert "TVL metrics, arm `mission`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
 
 
 @pytest.mark.parametrize("arm", ["mission", "separate_partner"])
