@@ -21,9 +21,9 @@ complementary token, comp = the mean of a sample's kept complementary tokens. To
                                      Residual source "partner": shared of each other modality instead, the term
                                      averaged over them (the partner never saw this modality's specific factors)
   + difference_weight * difference   Domain Separation Networks' batch-level difference loss
-                                     ||S~^T C~||_F^2 / n^2 over the n samples of the global batch with a kept
-                                     complementary token, S~ / C~ their detached shared / comp, each column
-                                     standardised over those n rows: the sum of squared correlations between the
+                                     ||S~^T C~||_F^2 / (n^2 E^2) over the n samples of the global batch with a
+                                     kept complementary token, S~ / C~ their detached shared / comp, each column
+                                     standardised over those n rows: the mean squared correlation between the
                                      codes' coordinates, so comp cannot linearly encode what shared holds
   + view_weight * view               FactorCL-style intra-modality view contrastive term: symmetric InfoNCE at a
                                      fixed temperature (VIEW_TEMPERATURE) between the normalised comp of two
@@ -145,11 +145,13 @@ def standardise(x, rows, n, eps=1e-6):
 
 
 def difference_term(shared, comp, masks):
-    """Domain Separation Networks' difference loss at batch level: ||S~^T C~||_F^2 / n^2, where S~ and C~ are the
-    (n, E) shared embeddings and complementary tokens of the global batch's n samples with a kept complementary
-    token, each column standardised over those n rows (so the term is the sum over every pair of coordinates of
-    their squared correlation over the batch; independent features still give about E^2 / n, the finite-batch
-    floor). Exactly 0 when no sample has a kept complementary token.
+    """Domain Separation Networks' difference loss at batch level: ||S~^T C~||_F^2 / (n^2 E_s E_c), where S~ and C~
+    are the (n, E_s) shared embeddings and (n, E_c) complementary tokens of the global batch's n samples with a
+    kept complementary token, each column standardised over those n rows. So the term is the *mean* over every pair
+    of coordinates of their squared correlation over the batch: in [0, 1] whatever the width, on the scale of the
+    diversity term's mean squared cosine, so one weight means the same at E = 64 and E = 768 (DSN's unnormalised
+    sum grows as E^2; independent features still give about 1 / n, the finite-batch floor). Exactly 0 when no
+    sample has a kept complementary token.
 
     shared (B, E) pooled overlapping embedding (before normalisation), comp (B, E) mean of each sample's kept
     complementary tokens, masks: complementary_masks of the complementary keep mask. Unlike DSN, where both
@@ -161,7 +163,7 @@ def difference_term(shared, comp, masks):
     rows, n = masks["all_samples"], masks["n_samples"]
     s = standardise(all_gather_cat(shared.detach().float()), rows, n)  # (W*B, E)
     c = standardise(gather_with_grad(comp.float()), rows, n)
-    return (s.T @ c / n).pow(2).sum()
+    return (s.T @ c / n).pow(2).mean()
 
 
 # The view term's fixed temperature, not the learnt logit scale: that scale belongs to the cross-modal loss (sharing
@@ -324,7 +326,8 @@ class Stage2Loss(nn.Module):
                 raise ValueError("complementary_residual_weight > 0 needs RegisterModule(residual_dims=...)")
             total = total + self.residual_weight * self.per_modality(
                 "residual", {m: residual_term(p, out["global"][m], masks) for m, p in out["residual"].items()}, terms)
-        comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}  # (B, E)
+        if self.difference_weight > 0 or self.view_weight > 0:
+            comp = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in registers.items()}  # (B, E)
         if self.difference_weight > 0:
             total = total + self.difference_weight * self.per_modality(
                 "difference", {m: difference_term(shared[m], comp[m], masks) for m in registers}, terms)

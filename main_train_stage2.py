@@ -121,8 +121,8 @@ def get_args_parser():
                         "modality's, averaged over them: the partner never saw the modality's specific factors, so "
                         "only its complementary token can supply them")
     g.add_argument("--complementary_difference_weight", default=0.0, type=non_negative_float,
-                   help="weight of Domain Separation Networks' batch-level difference term: the squared "
-                        "correlations over the batch between the (detached) shared embedding and the complementary "
+                   help="weight of Domain Separation Networks' batch-level difference term: the mean squared "
+                        "correlation over the batch between the (detached) shared embedding and the complementary "
                         "token (0: off)")
     g.add_argument("--complementary_view_weight", default=0.0, type=non_negative_float,
                    help="weight of the view contrastive term (FactorCL): InfoNCE between the complementary tokens of "

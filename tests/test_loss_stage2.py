@@ -195,7 +195,7 @@ def _numpy_difference(shared, comp, rows, eps=1e-6):
     for i in range(s.shape[1]):
         for j in range(c.shape[1]):
             total += sum(s[b, i] * c[b, j] for b in range(n)) ** 2
-    return total / n ** 2
+    return total / n ** 2 / (s.shape[1] * c.shape[1])
 
 
 def test_difference_term_matches_numpy_and_steers_only_kept_complementary_tokens():
@@ -481,5 +481,5 @@ def test_ddp_two_processes_match_single_process(tmp_path):
                 assert torch.allclose(value, terms[name], atol=1e-5, rtol=0), (case, name)
         for name, p in module.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, (case, name)
-            # float32 rounding of sums taken in another order: relative to gradients up to ~50 (the difference term)
+            # float32 rounding of sums taken in another order
             assert torch.allclose(result["grads"][name], p.grad, atol=1e-5, rtol=1e-5), (case, name)
