@@ -383,15 +383,18 @@ def tactile_minus_background(img, background, g=None, sync_jitter=False):
 def read_csv_rows(path, ncols=None):
     """[(line, [cells])], blank rows skipped; every row must have ncols cells (default: the first row's)."""
     out = []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
-        for row in reader:
-            if not any(c.strip() for c in row):
-                continue
-            ncols = ncols or len(row)
-            if len(row) != ncols:
-                raise DataError(f"{path} line {reader.line_num}: {len(row)} columns, expected {ncols}")
-            out.append((reader.line_num, [c.strip() for c in row]))
+        try:
+            for row in reader:
+                if not any(c.strip() for c in row):
+                    continue
+                ncols = ncols or len(row)
+                if len(row) != ncols:
+                    raise DataError(f"{path} line {reader.line_num}: {len(row)} columns, expected {ncols}")
+                out.append((reader.line_num, [c.strip() for c in row]))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} after line {reader.line_num}: not UTF-8 text ({e.reason})") from None
     return out
 
 
@@ -525,12 +528,18 @@ def _check_files(items, active, bad, background=False):
 
 
 def _read_labels(items, bad):
-    """SSVTP captions: the first line of each label file (an empty one is a bad sample)."""
+    """SSVTP captions: the first line of each label file (an empty one, or one that is not UTF-8 text, is a bad
+    sample: TVL's reader would stop on it, and decoded any other way its words would be wrong without a word said)."""
     kept = []
     for it in items:
         if it["text"]:
-            with open(it["text"]) as fh:
-                it["adjs"] = parse_adjectives(fh.readline()) or None
+            with open(it["text"], "rb") as fh:
+                raw = fh.read()
+            try:
+                it["adjs"] = parse_adjectives(raw.decode("utf-8").split("\n")[0]) or None
+            except UnicodeDecodeError as e:
+                _bad_sample(bad, f"{it['text']}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})")
+                continue
             if it["adjs"] is None:
                 _bad_sample(bad, f"{it['text']}: no adjectives on the first line (expected e.g. 'smooth, hard.')")
                 continue

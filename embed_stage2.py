@@ -21,7 +21,7 @@ import torch
 import util.dist as dist
 from data_stage2 import BadSamples, DataError
 from engine_stage2 import compute_embeddings, pooled
-from main_train_stage2 import build_model, build_split, make_loader
+from main_train_stage2 import MISSION, build_model, build_split, make_loader
 from main_train_stage2 import get_args_parser as get_train_parser
 from stage1 import Stage1Error, build_stage1
 from util.checkpoint import CheckpointError, RunFiles, load_torch_file
@@ -37,8 +37,10 @@ def load_stage2(checkpoint, device="cpu", **overrides):
     stored = load_torch_file(checkpoint, flag="--checkpoint")
     if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict):
         raise CheckpointError(f"--checkpoint {checkpoint}: not a FluxTalk Stage 2 checkpoint (no 'args')")
-    # A run from before a flag existed trained with its default: the parser's defaults fill what it lacks.
-    args = argparse.Namespace(**{**vars(get_train_parser().parse_args([])), **stored["args"], **overrides})
+    # A run from before a flag existed trained with its default then: the parser's defaults fill what it lacks, and
+    # the objective flags (added with the presets, when the mission's loss was the only one) take the mission's.
+    args = argparse.Namespace(**{**vars(get_train_parser().parse_args([])), "objective": "mission", **MISSION,
+                                 **stored["args"], **overrides})
     args.device_obj = torch.device(device)
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names)

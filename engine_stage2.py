@@ -53,6 +53,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_pe
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     grad_norm = torch.zeros((), device=device)
     log = StepLog(state, steps_per_epoch, writer)
+    batch_ids = {}  # micro-step -> its batch's dataset indices, since the last finiteness check (which names them)
     for i, batch in enumerate(loader, start=state.next_step):
         log.batch_arrived()
         micro_step = state.epoch * steps_per_epoch + i
@@ -63,6 +64,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_pe
             model.unwrapped_registers.nested_dropout_rate = nested_dropout_rate_at(
                 epoch_f, args.nested_dropout_rate, args.nested_dropout_ramp_epochs)
 
+        batch_ids[micro_step] = batch["index"].tolist()  # still on the host: no device sync
         batch = to_device(batch, device)
         gen.manual_seed(step_seed(args.seed, micro_step, rank))
         sync = nullcontext() if boundary or not hasattr(registers, "no_sync") else registers.no_sync()
@@ -82,12 +84,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, state, steps_pe
 
         last = i + 1 == steps_per_epoch
         if boundary and (state.global_step % args.print_freq == 0 or last):
-            check_finite(first_bad)
+            check_finite(first_bad, batch_ids, loader.dataset)
             log.write(means.log_window(), state, lr, model.unwrapped_registers.nested_dropout_rate, device)
         if boundary and not last:
             stop = dist.any_rank(stop_requested())
             if stop or args.save_every_steps and state.global_step % args.save_every_steps == 0:
-                check_finite(first_bad)
+                check_finite(first_bad, batch_ids, loader.dataset)
                 state.means = means.state_dict()
                 save(state)
             if stop:
@@ -213,12 +215,18 @@ class StepLog:
         self.bar.close()
 
 
-def check_finite(first_bad):
-    """Stops every rank together at the first non-finite loss, before anything is saved."""
-    bad = int(first_bad.item())
-    error = NonFiniteLoss(f"non-finite loss at micro-step {bad} (rank-local; -1 = on another rank); stopping all "
-                          f"ranks, the last checkpoint written before it is kept")
-    dist.raise_together(error if bad >= 0 else None, error)
+def check_finite(first_bad, batch_ids, dataset):
+    """Stops every rank together at the first non-finite loss, before anything is saved, naming the samples of the
+    batch where it happened (batch_ids: {micro-step: dataset indices} since the last check, then cleared)."""
+    bad, kept = int(first_bad.item()), "stopping all ranks, the last checkpoint written before it is kept"
+    error = None
+    if bad >= 0:
+        names = getattr(dataset, "sample_ids", None)
+        ids = [names[i] if names else i for i in batch_ids[bad]]
+        error = NonFiniteLoss(f"non-finite loss at micro-step {bad} on rank {dist.get_rank()}, in the batch of its "
+                              f"{len(ids)} samples {', '.join(map(str, ids))}; {kept}")
+    dist.raise_together(error, NonFiniteLoss(f"non-finite loss on another rank (see its error line); {kept}"))
+    batch_ids.clear()
 
 
 @torch.no_grad()

@@ -8,5 +8,5 @@ OUT=${OUT:-./output_dir/flux_talk_variant}
 
 torchrun --nproc_per_node=1 main_train_stage2.py --stage1_checkpoint "$STAGE1" \
     --batch_size 64 --epochs 100 --num_register_tokens 4 --num_overlapping_tokens 3 \
-    --nested_dropout_rate 0.5 --complementary_reg_weight 0.01 --output_dir "$OUT" \
+    --output_dir "$OUT" \
     --datasets_dir "$DATA" --datasets ssvtp hct --resume auto "$@"

@@ -15,6 +15,9 @@
 # it to the signals torchrun forwards (by default torchrun dies of it and leaves its workers running, in their own
 # sessions). STOP_TIMEOUT: how long torchrun waits for the workers to save before it SIGKILLs them. Both are
 # environment variables rather than torchrun flags so that a torchrun without these options still starts.
+# LAUNCHER (e.g. srun) goes in front of torchrun, and STOP_SIGNAL (default TERM) is the signal passed on to it: srun
+# answers a SIGTERM by killing its tasks (SIGKILL) but passes a SIGUSR1 on to every process of its step, so
+# scripts/slurm_train.sbatch sets LAUNCHER=srun STOP_SIGNAL=USR1.
 set -uo pipefail
 STAGE1=${STAGE1:-./checkpoints/tvl_enc_vittiny.pth}
 DATA=${DATA:-/data/tvl}
@@ -23,9 +26,11 @@ NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
 NNODES=${NNODES:-1}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export PET_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-100}
+STOP_SIGNAL=${STOP_SIGNAL:-TERM}
 
 if [ "$NNODES" -gt 1 ]; then
-    LAUNCH=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" --rdzv_backend c10d
+    # c10d assigns the ranks (torchrun ignores --node_rank with it): several nodes may share one command line
+    LAUNCH=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
             --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-fluxtalk}")
 else
     LAUNCH=(--standalone)
@@ -38,18 +43,18 @@ stop() {  # forward once: a second signal would interrupt torchrun while it wait
     if [ -z "$stopped" ]; then
         stopped=$1
         touch "$marker"
-        [ -n "$pid" ] && kill -s TERM "$pid" 2>/dev/null
+        [ -n "$pid" ] && kill -s "$STOP_SIGNAL" "$pid" 2>/dev/null
     fi
 }
 trap 'stop TERM' TERM
 trap 'stop USR1' USR1
 
-torchrun "${LAUNCH[@]}" --nproc_per_node="$NGPUS" main_train_stage2.py --stage1_checkpoint "$STAGE1" \
+${LAUNCHER:-} torchrun "${LAUNCH[@]}" --nproc_per_node="$NGPUS" main_train_stage2.py --stage1_checkpoint "$STAGE1" \
     --batch_size 64 --epochs 100 --num_register_tokens 4 --num_overlapping_tokens 3 \
-    --nested_dropout_rate 0.5 --complementary_reg_weight 0.01 --output_dir "$OUT" \
+    --output_dir "$OUT" \
     --datasets_dir "$DATA" --datasets ssvtp hct --num_workers 8 --resume auto "$@" &
 pid=$!
-[ -n "$stopped" ] && kill -s TERM "$pid" 2>/dev/null  # signalled before torchrun started
+[ -n "$stopped" ] && kill -s "$STOP_SIGNAL" "$pid" 2>/dev/null  # signalled before torchrun started
 
 rc=0
 wait "$pid" || rc=$?

@@ -53,13 +53,19 @@ def shard_files(root, split):
 
 def assert_same_cache(a, b, split, modalities=("vision", "tactile", "text")):
     """b's shard files are byte-identical (headers included) to a's files of `modalities`; meta.json agrees."""
-    files = [f for f in shard_files(a, split) if os.path.basename(f).split("_")[0] in modalities + ("index.npy",)]
+    files = [f for f in shard_files(a, split)
+             if os.path.basename(f).split("_")[0] in modalities + ("index.npy", FC.CHECKSUMS)]
     assert shard_files(b, split) == files
     for f in files:
+        if f.endswith(FC.CHECKSUMS):  # b's checksums are a's of the files b holds
+            sums_a, sums_b = (json.load(open(os.path.join(r, split, f))) for r in (a, b))
+            assert set(sums_b) == set(os.listdir(os.path.join(b, split, os.path.dirname(f)))) - {FC.CHECKSUMS}
+            assert sums_b == {k: v for k, v in sums_a.items() if k in sums_b}, f
+            continue
         with open(os.path.join(a, split, f), "rb") as fa, open(os.path.join(b, split, f), "rb") as fb:
             assert fa.read() == fb.read(), f
     meta_a, meta_b = (json.load(open(os.path.join(r, split, "meta.json"))) for r in (a, b))
-    ignore = ["args"]  # creation args name the output folder; the rest must agree
+    ignore = ["args", "command"]  # creation args and command line name the output folder; the rest must agree
     if len(modalities) < 3:
         ignore += ["active_modalities", "arrays", "feature_dims"]
     assert {k: v for k, v in meta_a.items() if k not in ignore} == {k: v for k, v in meta_b.items() if k not in ignore}

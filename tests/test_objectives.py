@@ -4,7 +4,6 @@ and online; the cache it refuses."""
 import argparse
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -148,11 +147,11 @@ def test_online_second_view_is_an_independent_augmentation_draw(short_tvl, tiny_
 @pytest.mark.slow
 def test_view_term_refuses_a_cache_with_one_augmented_view(view_cache, short_tvl, tiny_stage1_files, tmp_path,
                                                           capsys):
-    cache = str(tmp_path / "one_view")
-    shutil.copytree(view_cache, cache)
-    path = os.path.join(cache, "train", "meta.json")
-    meta = json.load(open(path))
-    json.dump(dict(meta, views=2), open(path, "w"))  # the plain view + one augmented view
+    cache = str(tmp_path / "one_view")  # a real cache of the plain view + one augmented view (a meta.json edited to
+    # say so would be refused as damaged first: its shapes no longer match the shards)
+    assert cache_features.main(stage1_flags(tiny_stage1_files) + [
+        "--datasets_dir", short_tvl, "--output", cache, "--device", "cpu", "--num_workers", "0", "--shard_size", "8",
+        "--batch_size", "8", "--cache_views", "1"]) == 0
     out = tmp_path / "run"
     code = M.main(cache_run_flags(tiny_stage1_files, short_tvl, cache, out, "--epochs", "1",
                                   "--complementary_view_weight", "0.5"))

@@ -182,13 +182,13 @@ def test_seed_command_flags_parse_with_those_names():
 
 
 def test_complementary_flags_reach_the_loss_and_the_model(tiny_stage1):
-    default = main_mod.parse_args(SEED_COMMAND)
-    loss = main_mod.build_criterion(default)  # the defaults: the original objective
+    default = main_mod.parse_args(SEED_COMMAND + ["--objective", "mission"])
+    loss = main_mod.build_criterion(default)  # the original objective
     assert (loss.reg_weight, loss.reg_terms, loss.l2, loss.recon_weight, loss.residual_weight) == (
         0.01, ("l2", "diversity"), "sum", 0.0, 0.0)
     assert main_mod.build_model(default, tiny_stage1).unwrapped_registers.residual is None
-    args = main_mod.parse_args(SEED_COMMAND + ["--complementary_reg_terms", "diversity", "--complementary_l2", "mean",
-                                               "--complementary_residual_weight", "0.5"])
+    args = main_mod.parse_args(SEED_COMMAND + ["--objective", "mission", "--complementary_reg_terms", "diversity",
+                                               "--complementary_l2", "mean", "--complementary_residual_weight", "0.5"])
     loss = main_mod.build_criterion(args)
     assert (loss.reg_terms, loss.l2, loss.residual_weight) == (("diversity",), "mean", 0.5)
     decoders = main_mod.build_model(args, tiny_stage1).unwrapped_registers.residual
@@ -202,10 +202,9 @@ NEW_OBJECTIVE_FLAGS = ("objective", "complementary_pathway", "complementary_resi
 
 
 def test_objective_mission_is_the_original_objective_and_explicit_flags_override_presets(tiny_stage1):
-    plain = vars(main_mod.parse_args(SEED_COMMAND))
-    mission = vars(main_mod.parse_args(SEED_COMMAND + ["--objective", "mission"]))
+    plain = vars(main_mod.parse_args(SEED_COMMAND + ["--objective", "mission"]))
     custom = vars(main_mod.parse_args(SEED_COMMAND + ["--objective", "custom"]))
-    assert mission == plain and {**custom, "objective": "mission"} == plain
+    assert {**custom, "objective": "mission"} == plain  # custom: every flag's own default, the mission's values
     # every flag that existed before the presets keeps its value (those of the SEED_COMMAND and the defaults)
     assert (plain["nested_dropout_rate"], plain["complementary_reg_weight"], plain["complementary_reg_terms"],
             plain["complementary_l2"], plain["complementary_recon_weight"], plain["complementary_residual_weight"]) == (
@@ -213,13 +212,14 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     assert {k: plain[k] for k in NEW_OBJECTIVE_FLAGS} == {
         "objective": "mission", "complementary_pathway": "shared", "complementary_residual_source": "own",
         "complementary_difference_weight": 0.0, "complementary_view_weight": 0.0, "contrastive_prefixes": "full"}
-    loss = main_mod.build_criterion(main_mod.parse_args(SEED_COMMAND))
+    loss = main_mod.build_criterion(main_mod.parse_args(SEED_COMMAND + ["--objective", "mission"]))
     assert (list(loss.prefixes), loss.difference_weight, loss.view_weight) == ([3], 0.0, 0.0)
     # the preset without the seed command's explicit --nested_dropout_rate 0.5
     base = list(SEED_COMMAND)
     i = base.index("--nested_dropout_rate")
     del base[i:i + 2]
     separate = vars(main_mod.parse_args(base + ["--objective", "separate"]))
+    assert vars(main_mod.parse_args(base)) == separate  # the study's decision: separate is the default objective
     changed = {k: v for k, v in separate.items() if v != plain[k]}
     assert changed == {"objective": "separate", "complementary_pathway": "separate",
                        "complementary_residual_weight": 1.0, "complementary_residual_source": "partner",
@@ -254,7 +254,8 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     (["--complementary_residual_source", "both"], "--complementary_residual_source"),
     (["--complementary_difference_weight", "-1"], "--complementary_difference_weight"),
     (["--contrastive_prefixes", "some"], "--contrastive_prefixes"),
-    (["--complementary_pathway", "separate", "--complementary_reg_weight", "0"], "--complementary_pathway separate"),
+    (["--complementary_pathway", "separate", "--complementary_reg_weight", "0", "--complementary_residual_weight", "0"],
+     "--complementary_pathway separate"),
     (["--complementary_view_weight", "-1"], "--complementary_view_weight"),
     (["--complementary_view_weight", "1", "--no_augment"], "--complementary_view_weight"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))

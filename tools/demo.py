@@ -12,8 +12,8 @@ from util.misc import headline_keys
 
 # From the cache a step is the register module alone, so workers would only add start-up time; the inputs are not
 # augmented: one encoder pass over each split is all the demo pays for Stage 1.
-DEMO = dict(epochs=10, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=0, print_freq=5, nested_dropout_rate=0.5,
-            register_width=128, device="cpu", no_augment=True)
+DEMO = dict(epochs=10, batch_size=32, lr=2e-3, warmup_epochs=1, num_workers=0, print_freq=5, register_width=128,
+            device="cpu", no_augment=True)
 CACHE_WORKERS = 2  # image decoding overlaps the encoder forward while caching
 
 

@@ -5,12 +5,16 @@ crash or a full disk mid-write leaves the old file as it was. Reads use `torch.l
 extra type allowed is `argparse.Namespace`, which TVL Stage 1 files carry.
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import pickle
 import random
 import re
 import signal
+import socket
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -337,3 +341,74 @@ class RunFiles:
         name = signal.Signals(signum).name if signum else "a stop request on another rank"
         return Preempted(f"caught {name} at epoch {state.epoch} step {state.global_step}: wrote "
                          f"{self.path('checkpoint.pth')}; resume with --resume auto")
+
+
+# ------------------------------------------------------------------------------------------- one run per folder
+
+class FolderInUse(CheckpointError):
+    """Another live process holds the folder's lock; the message names the folder and that process."""
+
+
+class FolderLock:
+    """An exclusive lock on `folder` (the file folder/.lock, which names the holder's host and pid) for as long as this
+    object is held, or FolderInUse at once; nothing in the folder is touched when refused.
+
+    A POSIX record lock (fcntl.lockf): the kernel drops it when the holder dies, kill -9 included, so no stale lock can
+    block a `--resume auto`; unlike flock it is not inherited by forked DataLoader workers (a worker outliving a
+    killed run would keep holding it) and it works on NFS. Only the holding process opens the file."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder, flag):
+        path = os.path.join(folder, self.NAME)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"{flag} {folder}: cannot create its lock file {path} ({e.strerror})") from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+            holder = self.holder()
+            os.close(self.fd)
+            raise FolderInUse(f"{flag} {folder}: in use by another run ({holder}, lock {path}); wait for it to end "
+                              f"or choose another {flag}") from None
+        except OSError as e:
+            os.close(self.fd)
+            raise CheckpointError(f"{flag} {folder}: cannot lock {path} ({e.strerror}; a file system without "
+                                  f"POSIX locks?)") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+
+    def holder(self, tries=40):
+        """What the holder wrote; it writes right after locking, so a launch racing it waits a moment for that."""
+        for _ in range(tries):
+            text = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+            if text:
+                return text
+            time.sleep(0.05)
+        return "holder not named yet"
+
+    def release(self):
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, flag):
+    """Every rank: rank 0 holds FolderLock(folder) for the block (one process per run takes it); when it cannot (another
+    run holds it), every rank raises the same error (call after util.dist.init_distributed)."""
+    lock, error = None, None
+    if dist.is_main():
+        try:
+            lock = FolderLock(folder, flag)
+        except CheckpointError as e:
+            error = e
+    error = dist.all_gather_object(error)[0]
+    if error:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
