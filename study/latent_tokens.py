@@ -8,8 +8,15 @@ reconstruction targets read) is a fixed random linear map of the shared + specif
 nuisance. So a representation can hold a factor because it was kept on purpose (shared, specific: both in the
 global embedding) or because nothing removed it (nuisance: in the tokens only), and the probes tell them apart.
 
-The files follow main_train_stage2's feature-cache layout (one shard, one view):
-    DIR/<split>/shard_00000/{<m>_tokens.npy float16 (1, n, N, C_m), <m>_global.npy float32 (1, n, E), index.npy}
+Augmented views (train split, `views` > 0, what the intra-modality view objective contrasts and what training
+then reads instead of the plain view, as for a cache_features.py cache): a view keeps every latent of the sample,
+the nuisance too (it is a property of the sample, not of one observation), and changes only the observation:
+the token noise is drawn afresh, and each context token is dropped (zeroed) with probability VIEW_TOKEN_DROP,
+independently per view, modality and token. The Stage 1 global embedding, a function of the latents, is the
+same in every view. View 0 is the plain rendering, identical with or without augmented views.
+
+The files follow main_train_stage2's feature-cache layout (one shard; V = 1 + views on train, 1 on val):
+    DIR/<split>/shard_00000/{<m>_tokens.npy float16 (V, n, N, C_m), <m>_global.npy float32 (V, n, E), index.npy}
     DIR/<split>/meta.json
     DIR/factors.json    {"factors": {name: kind}, "classes": {name: count}, "samples": {sample_id: {name: value}}}
 """
@@ -27,6 +34,7 @@ from feature_cache import CACHE_FORMAT, cache_data_flags
 SPEC = dict(shared_dim=4, num_classes=6, specific_dim=4, nuisance_dim=4, num_context=12, noise=0.3)
 # Token spans (fractions of the context) of each latent group: overlapping, so no token holds one group alone.
 SPANS = {"shared": (0.0, 0.5), "class": (0.25, 0.75), "specific": (0.25, 0.75), "nuisance": (0.5, 1.0)}
+VIEW_TOKEN_DROP = 0.15  # augmented views: probability that a context token is zeroed
 
 
 def factor_kinds(modalities):
@@ -70,28 +78,37 @@ def make_maps(modalities, feature_dims, embed_dim, rng):
     return maps
 
 
-def render(z, maps, m, rng):
-    """(tokens (n, N, C) float32, global (n, E) float32) of modality m from the latents z."""
+def render(z, maps, m):
+    """(noise-free tokens (n, N, C), global (n, E)) of modality m from the latents z."""
     groups = {"shared": z["shared"], "class": np.eye(SPEC["num_classes"])[z["shared_class"]] * np.sqrt(SPEC["num_classes"]),
               "specific": z[f"{m}_specific"], "nuisance": z[f"{m}_nuisance"]}
     tokens = sum(np.einsum("nd,tdc->ntc", groups[g], w) for g, w in maps[m]["tokens"].items())
-    tokens = tokens + SPEC["noise"] * rng.standard_normal(tokens.shape)
     glob = sum(groups[g] @ w for g, w in maps[m]["global"].items())
-    return tokens.astype(np.float32), glob.astype(np.float32)
+    return tokens, glob
 
 
-def write_split(root, split, z, maps, modalities, fingerprint, data_flags, embed_dim, feature_dims, rng):
+def observe(clean, rng, drop=0.0):
+    """One observation of noise-free tokens (n, N, C): fresh noise, each token zeroed with probability `drop`."""
+    tokens = clean + SPEC["noise"] * rng.standard_normal(clean.shape)
+    if drop:
+        tokens = tokens * (rng.random(clean.shape[:2]) >= drop)[..., None]
+    return tokens.astype(np.float32)
+
+
+def write_split(root, split, z, maps, modalities, fingerprint, data_flags, embed_dim, feature_dims, rng, views=0,
+                view_rng=None):
     n = len(z["shared"])
     shard = os.path.join(root, split, "shard_00000")
     os.makedirs(shard, exist_ok=True)
     for m in modalities:
-        tokens, glob = render(z, maps, m, rng)
-        np.save(os.path.join(shard, f"{m}_tokens.npy"), tokens[None].astype(np.float16))  # (1 view, n, N, C)
-        np.save(os.path.join(shard, f"{m}_global.npy"), glob[None])
+        clean, glob = render(z, maps, m)
+        tokens = [observe(clean, rng)] + [observe(clean, view_rng, VIEW_TOKEN_DROP) for _ in range(views)]
+        np.save(os.path.join(shard, f"{m}_tokens.npy"), np.stack(tokens).astype(np.float16))  # (V, n, N, C)
+        np.save(os.path.join(shard, f"{m}_global.npy"), np.repeat(glob[None].astype(np.float32), 1 + views, 0))
     np.save(os.path.join(shard, "index.npy"), np.arange(n, dtype=np.int64))
     ids = [f"latent/{split}/{i:06d}" for i in range(n)]
     meta = {"format": CACHE_FORMAT, "split": split, "stage1_fingerprint": fingerprint,
-            "active_modalities": list(modalities), "data_flags": data_flags, "seed": 0, "views": 1,
+            "active_modalities": list(modalities), "data_flags": data_flags, "seed": 0, "views": 1 + views,
             "shard_size": n, "num_samples": n, "num_shards": 1, "sample_ids": ids, "precision": "fp32",
             "feature_dims": {m: feature_dims[m] for m in modalities}, "embed_dim": embed_dim, "captions": None}
     with open(os.path.join(root, split, "meta.json"), "w") as f:
@@ -108,10 +125,10 @@ def resolved_args(args, stage1):
     return args
 
 
-def make_latent_cache(root, stage1, args, n_train, n_val, seed=0):
+def make_latent_cache(root, stage1, args, n_train, n_val, seed=0, views=0):
     """Writes the cache under root for `stage1` (its feature dims, embed dim and fingerprint) and the data flags of
-    the training `args` (parsed; Stage 1's recipe is resolved into a copy here); returns root. Deterministic in
-    seed."""
+    the training `args` (parsed; Stage 1's recipe is resolved into a copy here), with `views` augmented views of
+    the train split; returns root. Deterministic in seed; view 0 does not depend on `views`."""
     args = resolved_args(args, stage1)
     modalities = list(args.active_modality_names)
     rng = np.random.default_rng(seed)
@@ -120,7 +137,8 @@ def make_latent_cache(root, stage1, args, n_train, n_val, seed=0):
     for split, n in (("train", n_train), ("val", n_val)):
         z = sample_latents(n, modalities, rng)
         ids = write_split(root, split, z, maps, modalities, stage1.fingerprint, cache_data_flags(args, split),
-                          stage1.embed_dim, stage1.feature_dims, rng)
+                          stage1.embed_dim, stage1.feature_dims, rng, views if split == "train" else 0,
+                          np.random.default_rng([seed, 1]))  # own stream: view 0 stays what it was
         for i, sid in enumerate(ids):
             samples[sid] = {k: (int(v[i]) if v.ndim == 1 else v[i].tolist()) for k, v in z.items()}
     with open(os.path.join(root, "factors.json"), "w") as f:

@@ -89,51 +89,199 @@ def test_latent_cache_holds_what_it_says(tmp_path, tiny_stage1_files):
                                 target("val", "tactile_specific"))) < 0.05
 
 
-@pytest.mark.slow
-def test_quick_path_writes_its_outputs(tmp_path):
-    """The study end to end at the smallest size (two seeds, one epoch): every output file, the summary line."""
+def test_latent_views_keep_the_latents_and_change_the_observation(tmp_path, tiny_stage1_files):
+    """Augmented views: the plain view and the global embedding as without views, fresh noise, dropped tokens."""
+    import main_train_stage2 as train
+    from stage1 import build_stage1
+    from study.latent_tokens import SPEC, VIEW_TOKEN_DROP, make_latent_cache
+    ckpt, clip = tiny_stage1_files
+    stage1 = build_stage1(ckpt, "fluxtalk-tiny", clip, active_modalities=["vision", "tactile"])
+    args = train.parse_args(["--feature_cache", "x", "--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny",
+                             "--clip_pretrained", clip, "--active_modality_names", "vision", "tactile"])
+    plain, views = str(tmp_path / "plain"), str(tmp_path / "views")
+    make_latent_cache(plain, stage1, args, n_train=200, n_val=50, seed=0)
+    make_latent_cache(views, stage1, args, n_train=200, n_val=50, seed=0, views=2)
+    load = lambda root, split, name: np.load(os.path.join(root, split, "shard_00000", name))  # noqa: E731
+    tok, glob = load(views, "train", "vision_tokens.npy"), load(views, "train", "vision_global.npy")
+    assert tok.shape[0] == glob.shape[0] == 3 and load(views, "val", "vision_tokens.npy").shape[0] == 1
+    assert json.load(open(os.path.join(views, "train", "meta.json")))["views"] == 3
+    assert np.array_equal(tok[0], load(plain, "train", "vision_tokens.npy")[0])  # view 0: the plain rendering
+    assert np.array_equal(glob[0], glob[1]) and np.array_equal(glob[0], glob[2])  # latents unchanged
+    t = tok.astype(np.float32)
+    dropped = (t[1:] == 0).all(-1)  # (2, n, N): tokens zeroed in the augmented views
+    assert dropped.mean() == pytest.approx(VIEW_TOKEN_DROP, abs=0.02) and not (t[0] == 0).all(-1).any()
+    kept = ~dropped[0] & ~dropped[1]
+    # two views differ by their noise only: the difference of two independent draws has variance 2 noise^2
+    assert np.std((t[1] - t[2])[kept]) == pytest.approx(np.sqrt(2) * SPEC["noise"], rel=0.03)
+
+
+def test_unique_gain_reads_the_right_representations():
+    """Tokens built so the answer is known: overlapping tokens hold the shared factor, the complementary token the
+    specific one, the untrained control holds nothing -> unique_gain ~1; with the control equal to the trained
+    token it is exactly 0; specific_gain compares the complementary token with the aligned embedding."""
+    import torch
+
+    from study.run_study import probe_summary, probe_table, representations
+    rng = np.random.default_rng(0)
+    n, e = 1200, 16
+    shared, specific = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    reg = np.zeros((n, 4, e))
+    reg[:, :3, :2] = shared[:, None]
+    reg[:, :3, 4] = 30.0  # a large constant direction: the L2 normalisation keeps the shared factor ~linear
+    reg[:, 3, 2:4] = specific
+    reg += 0.01 * rng.standard_normal(reg.shape)
+    reg = torch.tensor(reg, dtype=torch.float32)
+    noise = torch.tensor(rng.standard_normal((n, e)), dtype=torch.float32)
+    kinds = {"shared": "shared", "vision_specific": "specific"}
+    y = {"shared": (shared, np.ones(n, bool)), "vision_specific": (specific, np.ones(n, bool))}
+    split = lambda d, s: {k: (v[0][s], v[1][s]) for k, v in d.items()}  # noqa: E731
+
+    def summary(control):
+        train, val = slice(0, 800), slice(800, n)
+        tables = probe_table(representations(reg[train], 3, control[train]),
+                             representations(reg[val], 3, control[val]), split(y, train), split(y, val), {})
+        return probe_summary({"vision": tables}, kinds)
+
+    untrained = summary(noise)
+    assert untrained["unique_gain"] > 0.95  # [aligned, comp] ~1 against [aligned, noise] ~0
+    assert untrained["specific_gain"] > 0.95 and untrained["aligned_specific"] < 0.05
+    assert untrained["comp_shared"] < 0.05 and untrained["aligned_shared"] > 0.9
+    assert summary(reg[:, 3])["unique_gain"] == 0.0  # control = the trained token: nothing added
+
+
+def test_arm_flags_follow_the_trainer():
+    """An arm whose flag the trainer lacks is skipped; `--objective mission` is what a trainer without the flag
+    computes anyway, so it is dropped rather than the arm."""
+    from study.run_study import MISSION, arm_flags
+    assert arm_flags(MISSION + ["--nested_dropout_rate", "0"], {"--nested_dropout_rate"}) == ["--nested_dropout_rate",
+                                                                                              "0"]
+    assert arm_flags(MISSION, {"--objective"}) == MISSION
+    assert arm_flags(["--objective", "separate"], {"--nested_dropout_rate"}) is None
+    assert arm_flags(MISSION + ["--complementary_view_weight", "1"], {"--objective"}) is None
+
+
+def test_bad_sources_are_refused_in_one_line(tmp_path, capsys):
+    """A cache:DIR that is no folder, or holds no cache, ends in one line naming it and exit 2, before any run."""
+    from study.run_study import main
+    with pytest.raises(SystemExit) as e:
+        main(["--sources", f"cache:{tmp_path / 'missing'}", "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and "cache:DIR" in capsys.readouterr().err.strip().splitlines()[-1]
+    out = ["--output", str(tmp_path / "out"), "--arms", "mission", "nd0"]
+    assert main(["--sources", f"cache:{tmp_path}"] + out) == 2
+    assert capsys.readouterr().err.strip() == ("error: --sources cache:DIR needs --stage1_checkpoint (and "
+                                               "--clip_model/--clip_pretrained) of the Stage 1 that made the cache")
+    assert main(["--sources", f"cache:{tmp_path}", "--stage1_checkpoint", "x.pth"] + out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --feature_cache {tmp_path}: no train/meta.json"), err
+
+
+SUMMARY = (r"ordering_gain=(-?[\d.]+|nan) ordering_std=([\d.]+|nan) pooled_cost=(-?[\d.]+|nan) "
+           r"unique_gain=(-?[\d.]+|nan) unique_std=([\d.]+|nan) specific_gain=(-?[\d.]+|nan) "
+           r"specific_std=([\d.]+|nan) seeds=(\d+)")
+
+
+def run_study_script(*flags):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "results"
-    r = subprocess.run([sys.executable, os.path.join(root, "study", "run_study.py"), "--smoke", "--quick",
-                        "--output", str(out), "--arms", "default", "nd0", "residual"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, os.path.join(root, "study", "run_study.py"), *flags], capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    last = r.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"study: ordering_gain=(-?[\d.]+) ordering_std=([\d.]+) specific_gain=(-?[\d.]+) "
-                     r"specific_std=([\d.]+) seeds=2", last)
-    assert m, last
+    return r.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_smoke_study_writes_its_outputs(tmp_path):
+    """The study end to end at the smallest size (two seeds, one epoch, a length axis of 2 epochs): every output
+    file, the summary lines recomputed from the stored per-seed numbers."""
+    out = tmp_path / "results"
+    lines = run_study_script("--smoke", "--output", str(out), "--sources", "latent", "tvl", "--arms", "mission",
+                             "nd0", "residual", "objective_separate", "separate_noorder", "--lengths", "2")
+    m = re.fullmatch("study: " + SUMMARY, lines[-1])
+    assert m, lines[-1]
+    assert re.fullmatch(r"study\(mission\): " + SUMMARY, [x for x in lines if x.startswith("study(mission)")][0])
+    assert re.fullmatch(r"study\(separate\): " + SUMMARY, [x for x in lines if x.startswith("study(separate)")][0])
     res = json.load(open(out / "results.json"))
-    runs = res["sources"]["latent"]["arms"]["default"]["runs"]
-    assert [r["seed"] for r in runs] == [0, 1]
-    # the summary line is recomputed here from the stored per-seed numbers
-    first = lambda arm: [r["prefix_mean"][0] for r in res["sources"]["latent"]["arms"][arm]["runs"]]  # noqa: E731
-    gains = np.array(first("default")) - np.array(first("nd0"))
-    assert float(m.group(1)) == pytest.approx(gains.mean(), abs=0.006)
+    arms = res["sources"]["latent"]["arms"]
+    runs = arms["mission"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and m.group(8) == "2"
+    # recomputed here from the stored per-seed numbers (default objective: mission, control nd0)
+    first = lambda arm: np.array([r["prefix_mean"][0] for r in arms[arm]["runs"]])  # noqa: E731
+    pooled = lambda arm: np.array([np.mean([v for p in r["retrieval"].values() for v in p["r1"].values()])  # noqa: E731
+                                   for r in arms[arm]["runs"]])
+    unique = [np.mean([r["probes"][mod]["aligned+complementary"][f"{mod}_specific"]
+                       - r["probes"][mod]["aligned+complementary(init)"][f"{mod}_specific"]
+                       for mod in ("vision", "tactile")]) for r in runs]
+    assert float(m.group(1)) == pytest.approx((first("mission") - first("nd0")).mean(), abs=0.006)
+    assert float(m.group(3)) == pytest.approx((pooled("nd0") - pooled("mission")).mean(), abs=0.006)
+    assert float(m.group(4)) == pytest.approx(np.mean(unique), abs=6e-4)
+    assert float(m.group(5)) == pytest.approx(np.std(unique), abs=6e-4)
     for r_ in runs:  # K = 4 register tokens: the prefix curve has 4 points, the probes cover every representation
         assert len(r_["prefix_mean"]) == 4
-        assert set(r_["probes"]["vision"]) == {"overlapping", "complementary", "overlapping+complementary",
-                                               "token0", "token1", "token2", "token3"}
+        assert set(r_["probes"]["vision"]) == {"aligned", "overlapping", "complementary", "aligned+complementary",
+                                               "aligned+complementary(init)", "token0", "token1", "token2", "token3"}
+    axis = res["sources"]["latent"]["lengths"]["runs"]
+    assert set(axis) == {"mission", res["sources"]["latent"]["lengths"]["best"]}
+    assert [r["epochs"] for r in axis["mission"]["2"]] == [2, 2] and axis["mission"]["1"] == runs
     assert set(res["sources"]) == {"latent", "tvl"}
+    assert set(res["sources"]["tvl"]["arms"]) == {"mission", "nd0", "objective_separate", "separate_noorder"}
     md = (out / "RESULTS.md").read_text()
-    assert "## Source: latent" in md and "## Source: tvl" in md and res["command"] in md
-    for name in ("prefix_latent.png", "prefix_tvl.png", "probes_latent.png", "probes_tvl.png"):
+    for needle in ("## Source: latent", "## Source: tvl", res["command"], "## Decision", "## Hypotheses",
+                   "### Training length"):
+        assert needle in md, needle
+    for name in ("prefix_latent.png", "prefix_tvl.png", "probes_latent.png", "probes_tvl.png", "lengths.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_init_control_is_the_module_training_starts_from(tmp_path, tiny_stage1_files):
-    """With lr 0 training leaves the weights where they started: the checkpoint must equal the study's control."""
+@pytest.mark.slow
+def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
+    """--sources cache:DIR: a cache_features.py cache of TVL-format data, the Stage 1 flags passed through; R@1,
+    the prefix curve and TVL's metrics (Stage 1 beside Stage 2) on val and test, no probe numbers."""
+    import cache_features
+    from conftest import stage1_flags
+    cache = str(tmp_path / "cache")
+    assert cache_features.main(["--output", cache, "--splits", "train", "val", "test", "--datasets_dir",
+                                synthetic_tvl, "--num_workers", "0", "--device", "cpu", "--active_modality_names",
+                                "vision", "tactile"] + stage1_flags(tiny_stage1_files)) == 0
+    out = tmp_path / "results"
+    lines = run_study_script("--sources", f"cache:{cache}", *stage1_flags(tiny_stage1_files), "--arms", "mission",
+                             "nd0", "--seeds", "1", "--epochs", "1", "--output", str(out),
+                             "--train_args", "--batch_size 16 --register_width 32")
+    m = re.fullmatch("study: " + SUMMARY, lines[-1])
+    assert m and m.group(4) == "nan" and m.group(8) == "1", lines[-1]
+    res = json.load(open(out / "results.json"))
+    src = res["sources"][f"cache:{cache}"]
+    run = src["arms"]["mission"]["runs"][0]
+    assert "probes" not in run and len(run["prefix_mean"]) == 4 and set(run["tvl"]) == {"val", "test"}
+    assert "--batch_size" in run["argv"] and "--register_width" in run["argv"]
+    # the study's own R@1 on val equals the trainer's evaluation of the same checkpoint
+    assert run["summary"]["pooled"] == pytest.approx(run["tvl"]["val"]["stage2"]["mean_r1"], abs=0.01)
+    # Stage 1's numbers do not depend on the arm
+    assert src["arms"]["nd0"]["runs"][0]["tvl"]["test"]["stage1"] == run["tvl"]["test"]["stage1"]
+    md = (out / "RESULTS.md").read_text()
+    header = md.split("### Arms")[1].strip().splitlines()[0]
+    assert "TVL metrics, arm `mission`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
+
+
+@pytest.mark.parametrize("arm", ["mission", "separate_partner"])
+def test_init_control_is_the_module_training_starts_from(tmp_path, tiny_stage1_files, arm):
+    """With lr 0 training leaves the weights where they started: the checkpoint must equal the study's control
+    (with the complementary pathway of its own too, whose blocks draw from the same generator)."""
     import torch
 
     import main_train_stage2 as train
     from stage1 import build_stage1
     from study.latent_tokens import make_latent_cache
-    from study.run_study import base_flags, initial_module, load_trained, train_run
+    from study.run_study import (ARMS, TRAIN_FLAGS, arm_flags, base_flags, initial_module, load_trained,
+                                 trainer_options, train_run)
+    arm_argv = arm_flags({a[0]: a[2] for a in ARMS}[arm], trainer_options())
+    if arm_argv is None:
+        pytest.skip(f"main_train_stage2 lacks a flag of arm {arm}")
     ckpt, clip = tiny_stage1_files
     flags = ["--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny", "--clip_pretrained", clip]
     cache, out = str(tmp_path / "cache"), str(tmp_path / "run")
-    argv = base_flags(cache, flags, out, 3, 1) + ["--lr", "0"]
+    spec = {"cache": cache, "mods": ["vision", "tactile"], "flags": TRAIN_FLAGS, "stage1_flags": flags}
+    argv = base_flags(spec, out, 3, 1) + arm_argv + ["--lr", "0"]
     stage1 = build_stage1(ckpt, "fluxtalk-tiny", clip, active_modalities=["vision", "tactile"])
     make_latent_cache(cache, stage1, train.parse_args(argv), n_train=128, n_val=64, seed=0)
     args, _ = train_run(argv, out, stage1)
