@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from study.probes import probe_classes, probe_continuous, r2
+from study.report import PRESETS as STUDY_PRESETS
 
 
 def test_r2_matches_definition():
@@ -166,7 +167,7 @@ def test_bad_sources_are_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--sources", f"cache:{tmp_path / 'missing'}", "--output", str(tmp_path / "out")])
     assert e.value.code == 2 and "cache:DIR" in capsys.readouterr().err.strip().splitlines()[-1]
-    out = ["--output", str(tmp_path / "out"), "--arms", "mission", "nd0"]
+    out = ["--output", str(tmp_path / "out"), "--arms", "objective_separate", "separate_noorder"]
     assert main(["--sources", f"cache:{tmp_path}"] + out) == 2
     assert capsys.readouterr().err.strip() == ("error: --sources cache:DIR needs --stage1_checkpoint (and "
                                                "--clip_model/--clip_pretrained) of the Stage 1 that made the cache")
@@ -205,15 +206,16 @@ def test_smoke_study_writes_its_outputs(tmp_path):
     arms = res["sources"]["latent"]["arms"]
     runs = arms["mission"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1] and m.group(8) == "2"
-    # recomputed here from the stored per-seed numbers (default objective: mission, control nd0)
+    # recomputed here from the stored per-seed numbers, for the trainer's default objective and its control
+    arm, control = STUDY_PRESETS[res["default_objective"]]
     first = lambda arm: np.array([r["prefix_mean"][0] for r in arms[arm]["runs"]])  # noqa: E731
     pooled = lambda arm: np.array([np.mean([v for p in r["retrieval"].values() for v in p["r1"].values()])  # noqa: E731
                                    for r in arms[arm]["runs"]])
     unique = [np.mean([r["probes"][mod]["aligned+complementary"][f"{mod}_specific"]
                        - r["probes"][mod]["aligned+complementary(init)"][f"{mod}_specific"]
-                       for mod in ("vision", "tactile")]) for r in runs]
-    assert float(m.group(1)) == pytest.approx((first("mission") - first("nd0")).mean(), abs=0.006)
-    assert float(m.group(3)) == pytest.approx((pooled("nd0") - pooled("mission")).mean(), abs=0.006)
+                       for mod in ("vision", "tactile")]) for r in arms[arm]["runs"]]
+    assert float(m.group(1)) == pytest.approx((first(arm) - first(control)).mean(), abs=0.006)
+    assert float(m.group(3)) == pytest.approx((pooled(control) - pooled(arm)).mean(), abs=0.006)
     assert float(m.group(4)) == pytest.approx(np.mean(unique), abs=6e-4)
     assert float(m.group(5)) == pytest.approx(np.std(unique), abs=6e-4)
     for r_ in runs:  # K = 4 register tokens: the prefix curve has 4 points, the probes cover every representation
@@ -221,7 +223,7 @@ def test_smoke_study_writes_its_outputs(tmp_path):
         assert set(r_["probes"]["vision"]) == {"aligned", "overlapping", "complementary", "aligned+complementary",
                                                "aligned+complementary(init)", "token0", "token1", "token2", "token3"}
     axis = res["sources"]["latent"]["lengths"]["runs"]
-    assert set(axis) == {"mission", res["sources"]["latent"]["lengths"]["best"]}
+    assert {"mission", arm, res["sources"]["latent"]["lengths"]["best"]} == set(axis)
     assert [r["epochs"] for r in axis["mission"]["2"]] == [2, 2] and axis["mission"]["1"] == runs
     assert set(res["sources"]) == {"latent", "tvl"}
     assert set(res["sources"]["tvl"]["arms"]) == {"mission", "nd0", "objective_separate", "separate_noorder"}
@@ -244,23 +246,23 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
                                 synthetic_tvl, "--num_workers", "0", "--device", "cpu", "--active_modality_names",
                                 "vision", "tactile"] + stage1_flags(tiny_stage1_files)) == 0
     out = tmp_path / "results"
-    lines = run_study_script("--sources", f"cache:{cache}", *stage1_flags(tiny_stage1_files), "--arms", "mission",
-                             "nd0", "--seeds", "1", "--epochs", "1", "--output", str(out),
+    lines = run_study_script("--sources", f"cache:{cache}", *stage1_flags(tiny_stage1_files), "--arms",
+                             "objective_separate", "separate_noorder", "--seeds", "1", "--epochs", "1", "--output", str(out),
                              "--train_args", "--batch_size 16 --register_width 32")
     m = re.fullmatch("study: " + SUMMARY, lines[-1])
     assert m and m.group(4) == "nan" and m.group(8) == "1", lines[-1]
     res = json.load(open(out / "results.json"))
     src = res["sources"][f"cache:{cache}"]
-    run = src["arms"]["mission"]["runs"][0]
+    run = src["arms"]["objective_separate"]["runs"][0]
     assert "probes" not in run and len(run["prefix_mean"]) == 4 and set(run["tvl"]) == {"val", "test"}
     assert "--batch_size" in run["argv"] and "--register_width" in run["argv"]
     # the study's own R@1 on val equals the trainer's evaluation of the same checkpoint
     assert run["summary"]["pooled"] == pytest.approx(run["tvl"]["val"]["stage2"]["mean_r1"], abs=0.01)
     # Stage 1's numbers do not depend on the arm
-    assert src["arms"]["nd0"]["runs"][0]["tvl"]["test"]["stage1"] == run["tvl"]["test"]["stage1"]
+    assert src["arms"]["separate_noorder"]["runs"][0]["tvl"]["test"]["stage1"] == run["tvl"]["test"]["stage1"]
     md = (out / "RESULTS.md").read_text()
     header = md.split("### Arms")[1].strip().splitlines()[0]
-    assert "TVL metrics, arm `mission`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
+    assert "TVL metrics, arm `objective_separate`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
 
 
 @pytest.mark.parametrize("arm", ["mission", "separate_partner"])
