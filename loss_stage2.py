@@ -313,12 +313,9 @@ class Stage2Loss(nn.Module):
         if self.recon_weight > 0:
             if "recon" not in out:
                 raise ValueError("complementary_recon_weight > 0 needs RegisterModule(recon_dims=...)")
-            per_m = []
-            for m, pred in out["recon"].items():
-                loss = (1 - F.cosine_similarity(pred, out["global"][m].to(pred.dtype), dim=-1)).mean()
-                terms[f"recon_{m}"] = loss.detach()
-                per_m.append(loss)
-            recon = torch.stack(per_m).mean()
+            recon = self.per_modality("recon", {
+                m: (1 - F.cosine_similarity(pred, out["global"][m].to(pred.dtype), dim=-1)).mean()
+                for m, pred in out["recon"].items()}, terms)
             total = total + self.recon_weight * recon
         terms["recon"] = recon.detach()
         if self.residual_weight > 0:
