@@ -158,7 +158,8 @@ def state_fingerprint(named_tensors):
 
 
 class FrozenStage1(nn.Module):
-    """OpenCLIP + timm tactile encoder, frozen; forward(batch) -> token features, padding masks, globals."""
+    """OpenCLIP + timm tactile encoder, frozen; forward(batch) -> token features, padding masks, globals.
+    feature_dims / token_counts: {m: C_m} / {m: N_m} of the active modalities' tokens; embed_dim: E of the globals."""
 
     def __init__(self, clip, tactile_encoder, modality_heads=None, logit_scale=None, tokenizer=None,
                  active_modalities=MODALITIES, fingerprint=None, train_args=None, tactile_model=None):
@@ -180,6 +181,12 @@ class FrozenStage1(nn.Module):
         dims = {"vision": clip.visual.transformer.width, "text": clip.transformer.width,
                 "tactile": tactile_encoder.num_features}
         self.feature_dims = {m: dims[m] for m in self.active_modalities}
+        # N_m, the positions of forward()'s (B, N_m, C_m) tokens, known before any input is seen (a decoder with one
+        # query per position is built from it): vision class + patches (CLIP's visual positional embedding), text
+        # the context length, tactile timm's patches + prefix (class / register) tokens.
+        counts = {"vision": clip.visual.positional_embedding.shape[0], "text": clip.context_length,
+                  "tactile": tactile_encoder.patch_embed.num_patches + getattr(tactile_encoder, "num_prefix_tokens", 0)}
+        self.token_counts = {m: int(counts[m]) for m in self.active_modalities}
         self.embed_dim = clip.text_projection.shape[1] if modality_heads is None else \
             next(iter(modality_heads.values())).out_features
         for p in self.parameters():

@@ -73,6 +73,10 @@ def test_tactile_model_defaults_to_checkpoint_args_and_mismatch_names_keys(tiny,
     path = str(save_tvl_checkpoint(tmp_path / "vit384.pth", tactile, argparse.Namespace(tactile_model="vit_tiny_patch16_384")))
     s1 = build_stage1(path, "fluxtalk-tiny", tiny[1], active_modalities=("tactile", "text"))
     assert torch.equal(s1.tactile_encoder.pos_embed, tactile.pos_embed)
+    # the token counts the model is built with, known before any input: those of a forward at 384 px
+    with torch.no_grad():
+        n_tactile = tactile.forward_features(torch.randn(1, 3, 384, 384)).shape[1]
+    assert s1.token_counts == {"tactile": n_tactile, "text": 77} and n_tactile == 577
 
     with pytest.raises(Stage1Error) as e:
         build_stage1(path, "fluxtalk-tiny", tiny[1], tactile_model="vit_tiny_patch16_224")
@@ -111,6 +115,9 @@ def test_local_openclip_weights_file_tokens_equal_openclip_outputs(tmp_path):
     torch.testing.assert_close(out["global"]["vision"], ref_image, rtol=0, atol=0)
     torch.testing.assert_close(out["global"]["text"], ref_text, rtol=0, atol=0)
     assert s1.feature_dims == {"vision": 384, "tactile": 192, "text": 384} and s1.embed_dim == 384
+    tactile_tokens = s1({"tactile": torch.randn(1, 3, 224, 224)})["tokens"]["tactile"]
+    assert s1.token_counts == {"vision": out["tokens"]["vision"].shape[1], "text": out["tokens"]["text"].shape[1],
+                               "tactile": tactile_tokens.shape[1]} == {"vision": 50, "text": 77, "tactile": 197}
 
 
 def test_text_padding_mask_is_after_end_of_text(tiny_stage1):
