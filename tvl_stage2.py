@@ -104,6 +104,39 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
+class TokenDecoder(nn.Module):
+    """The per-position token decoder (MAE's decoder reading a 2-token memory): (..., 2E) residual_input ->
+    (..., N, C) predictions of a modality's N frozen Stage 1 context tokens.
+
+    Memory: [Linear(E -> D)(shared half), Linear(E -> D)(comp half)] + a learned (2, D) slot embedding (so the two
+    slots are told apart). One learned query per context position (N, D), truncated normal like the register tokens,
+    cross-attends to the memory (Attention: SDPA), then an MLP, a LayerNorm and Linear(D -> C), pre-LN as Block. The
+    queries are the only per-position parameters: what differs between two samples' predictions comes from the
+    memory alone, so position n's prediction is what the shared embedding and the complementary tokens say of token
+    n."""
+
+    def __init__(self, embed_dim, width, num_heads, num_positions, out_dim, mlp_ratio=4.0, attn_dropout=0.0):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.queries = nn.Parameter(torch.empty(num_positions, width))  # (N, D)
+        self.slots = nn.Parameter(torch.empty(2, width))  # (2, D): shared slot, complementary slot
+        self.shared_in, self.comp_in = nn.Linear(embed_dim, width), nn.Linear(embed_dim, width)
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.cross_attn = Attention(width, num_heads, attn_dropout)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.head = nn.Linear(width, out_dim)
+
+    def forward(self, x):
+        lead = x.shape[:-1]  # (B,) or (P, B)
+        shared, comp = x.reshape(-1, 2 * self.embed_dim).split(self.embed_dim, dim=-1)  # (M, E) each
+        memory = torch.stack([self.shared_in(shared), self.comp_in(comp)], dim=1) + self.slots  # (M, 2, D)
+        q = self.queries.expand(memory.shape[0], -1, -1)  # (M, N, D), a view
+        h = q + self.cross_attn(self.norm1(q), memory)
+        h = h + self.mlp(self.norm2(h))
+        return self.head(self.norm(h)).reshape(*lead, *self.queries.shape[:1], -1)  # (..., N, C)
+
+
 class RegisterModule(nn.Module):
     """Everything that trains: register tokens, per-modality adapters, blocks, norm + projection,
     the log logit scale and the optional recon / residual decoders.
@@ -113,12 +146,16 @@ class RegisterModule(nn.Module):
     a stop-gradient copy of the adapted context (Domain Separation Networks' private encoder); the overlapping tokens
     run through the original blocks alone, so, the self-attention being causal, their outputs are those of a shared
     module with the same weights, and no complementary objective reaches the parameters they depend on.
-    residual_source "own" | "partner": which modality's shared embedding the residual decoders read
-    (residual_inputs)."""
+    residual_source "own" | "partner": which modality's shared embedding the residual and token decoders read
+    (residual_inputs).
+    token_dims {m: C_m}: make the token-level residual's decoders, reading residual_inputs like the residual decoder
+    and predicting m's frozen Stage 1 context tokens: token_target "pooled" Linear(2E -> C_m) (their mean), "tokens"
+    a TokenDecoder with token_counts[m] queries (every token)."""
 
     def __init__(self, feature_dims, embed_dim, num_tokens=4, num_overlapping=3, width=256, depth=2,
                  num_heads=4, mlp_ratio=4.0, attn_dropout=0.0, logit_scale_init=None, recon_dims=None,
-                 residual_dims=None, complementary_pathway="shared", residual_source="own"):
+                 residual_dims=None, complementary_pathway="shared", residual_source="own", token_dims=None,
+                 token_target="pooled", token_counts=None):
         super().__init__()
         if not 1 <= num_overlapping <= num_tokens:
             raise ValueError(f"num_overlapping must be in 1..num_tokens={num_tokens}, got {num_overlapping}")
@@ -128,8 +165,12 @@ class RegisterModule(nn.Module):
             raise ValueError(f"complementary_pathway must be 'shared' or 'separate', got {complementary_pathway!r}")
         if residual_source not in ("own", "partner"):
             raise ValueError(f"residual_source must be 'own' or 'partner', got {residual_source!r}")
-        if residual_source == "partner" and residual_dims and len(feature_dims) < 2:
+        if residual_source == "partner" and (residual_dims or token_dims) and len(feature_dims) < 2:
             raise ValueError("residual_source 'partner' needs two or more modalities")
+        if token_target not in ("pooled", "tokens"):
+            raise ValueError(f"token_target must be 'pooled' or 'tokens', got {token_target!r}")
+        if token_dims and token_target == "tokens" and not set(token_dims) <= set(token_counts or {}):
+            raise ValueError(f"token_target 'tokens' needs token_counts for {sorted(token_dims)}, got {token_counts}")
         self.num_tokens, self.num_overlapping = num_tokens, num_overlapping
         self.separate, self.residual_source = complementary_pathway == "separate", residual_source
         self.nested_dropout_rate = 0.0  # set by the engine every step (linear warm-up schedule)
@@ -164,6 +205,17 @@ class RegisterModule(nn.Module):
             self.comp_head = nn.Linear(width, embed_dim)
             for part in (self.comp_blocks, self.comp_norm, self.comp_head):
                 part.apply(self._init_weights)
+        # The token-level residual's decoders, made last for the same reason.
+        self.token_decoder = None if not token_dims else nn.ModuleDict({
+            m: nn.Linear(2 * embed_dim, c) if token_target == "pooled" else
+            TokenDecoder(embed_dim, width, num_heads, token_counts[m], c, mlp_ratio, attn_dropout)
+            for m, c in token_dims.items()})
+        if self.token_decoder is not None:
+            self.token_decoder.apply(self._init_weights)
+            for decoder in self.token_decoder.values():
+                if token_target == "tokens":
+                    nn.init.trunc_normal_(decoder.queries, std=0.02)
+                    nn.init.trunc_normal_(decoder.slots, std=0.02)
 
     @torch.no_grad()
     def clamp_logit_scale(self):
@@ -213,7 +265,8 @@ class RegisterModule(nn.Module):
         """tokens {m: (B, N_m, C_m)}, padding_mask {m: bool (B, N_m), True = padded} -> {"registers": {m: (B, K, E)}
         every token (dropped ones too; `keep` says which count), "keep": bool (B, K), "logit_scale": 0-d, and, with
         their decoders, "recon" / "residual": {m: (B, E_m)} predictions of Stage 1's global embedding ("residual"
-        with residual_source "partner": (P, B, E_m), one per other modality)}.
+        with residual_source "partner": (P, B, E_m), one per other modality), "token": {m: (B, C_m)} (pooled) or
+        (B, N_m, C_m) (tokens) predictions of m's frozen context tokens (partner: a leading P as well)}.
         view2: {"tokens", "padding_mask"} of a second augmented view of the same samples (the view contrastive
         term): its registers are returned too, as "view2": {m: (B, K, E)}, under the same keep mask."""
         padding_mask = padding_mask or {}
@@ -233,9 +286,12 @@ class RegisterModule(nn.Module):
             recon_in = {m: torch.cat([r[:, :K_o].detach(), r[:, K_o:]], dim=1) if self.separate else r
                         for m, r in registers.items()}
             out["recon"] = {m: self.recon[m]((r * keep[..., None]).flatten(1)) for m, r in recon_in.items()}
-        if self.residual is not None:
+        if self.residual is not None or self.token_decoder is not None:
             inputs = residual_inputs(registers, keep, self.num_overlapping, self.residual_source)
+        if self.residual is not None:
             out["residual"] = {m: self.residual[m](x) for m, x in inputs.items()}
+        if self.token_decoder is not None:
+            out["token"] = {m: self.token_decoder[m](x) for m, x in inputs.items()}
         return out
 
 
@@ -249,7 +305,9 @@ class FluxTalk(nn.Module):
 
     def forward(self, batch, keep=None, generator=None):
         """batch: raw inputs {m: tensor} or a feature-cache batch, each optionally with a second augmented view
-        under "view2" (in the same form) -> the register module's output dict plus "global"."""
+        under "view2" (in the same form) -> the register module's output dict plus "global", and with the token-level
+        residual's decoders "context" {m: (B, N_m, C_m)} and "padding_mask" {m: bool (B, N_m)}: the frozen tokens the
+        register module read (the same tensors, before the adapters) and their padding masks."""
         feats = self.features(batch)
         view2 = self.features(batch["view2"]) if "view2" in batch else None
         if keep is None:
@@ -258,6 +316,8 @@ class FluxTalk(nn.Module):
             keep = self.unwrapped_registers.keep_mask(next(iter(feats["tokens"].values())).shape[0], generator)
         out = self.registers(feats["tokens"], feats.get("padding_mask"), keep=keep, generator=generator, view2=view2)
         out["global"] = feats["global"]  # {m: (B, E)} Stage 1 global embeddings (recon targets, text accuracy)
+        if self.unwrapped_registers.token_decoder is not None:  # the token term's targets: the same tensors, no copy
+            out["context"], out["padding_mask"] = feats["tokens"], feats.get("padding_mask") or {}
         return out
 
     def features(self, batch):
