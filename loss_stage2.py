@@ -29,6 +29,22 @@ complementary token, comp = the mean of a sample's kept complementary tokens. To
                                      fixed temperature (VIEW_TEMPERATURE) between the normalised comp of two
                                      augmented views of each sample with a kept complementary token, across the
                                      global batch (out["view2"]: the second view's registers, same keep mask)
+  + token_weight * token             token-level residual: the modality's own frozen Stage 1 context tokens (the
+                                     (B, N_m, C_m) the registers read, before the adapter; padded text positions
+                                     left out), decoded from the residual's input [stop-gradient shared of the
+                                     modality itself or of each partner, comp]. Target "pooled": their mean over
+                                     the valid positions (B, C_m), centred (minus the global batch's per-channel
+                                     mean), Linear decoder; "tokens": every token, centred per position over the
+                                     global batch's samples where that position is valid, one decoder query per
+                                     position (tvl_stage2.TokenDecoder). Loss "cosine": 1 - cos(prediction,
+                                     centred target) (per token, then the mean over the sample's valid positions),
+                                     averaged as the residual term is (partners, then the global batch's samples with
+                                     a kept complementary token); 1 - cos lies in [0, 2] whatever C_m, so weight 1
+                                     means the same at every width. Loss "infonce" (pooled only): the view term's
+                                     symmetric InfoNCE between the prediction and the centred target (FactorCL /
+                                     CPC-style conditional InfoNCE: a lower bound on I([shared, comp]; own tokens)),
+                                     mean over partners. Signal from what Stage 1's tokens hold, where its global
+                                     embedding may have shed what only this modality sees
 
 Each complementary term is the mean over modalities of the per-modality term (all logged on their own) and is
 exactly 0 (never NaN) where nothing it averages over was kept; l2 and diversity are logged even when off. The
@@ -38,7 +54,8 @@ overlapping tokens depend on (the recon decoder then reads the overlapping token
 Under DDP each rank returns a loss whose mean over ranks equals the single-process loss on the global batch,
 and whose gradient, averaged by DDP, equals the single-process gradient (gather with gradient, local rows
 against all columns, masked means normalised by global counts; the difference term, which needs the global
-batch's column statistics, is computed whole on every rank from the gathered batch).
+batch's column statistics, is computed whole on every rank from the gathered batch; the token term's centring
+means are all-reduced sums over counts: frozen data, no gradient).
 """
 import torch
 import torch.distributed.nn.functional as dist_fn
@@ -124,12 +141,15 @@ def complementary_terms(comp, keep, shared, masks=None, l2="sum"):
     return l2_value, div_shared + div_cross
 
 
-def residual_term(pred, target, masks):
+def residual_term(pred, target, masks, valid=None):
     """1 - cos(pred, target) averaged over the global batch's samples with a kept complementary token; exactly 0
     when there is none. pred (B, E_m) the residual decoder's output, or (P, B, E_m) one per partner modality
     (averaged over them), target (B, E_m) Stage 1 global embedding, masks: complementary_masks of the
-    complementary keep mask."""
-    cos = F.cosine_similarity(pred, target.to(pred.dtype).expand_as(pred), dim=-1)  # (B,) or (P, B)
+    complementary keep mask. valid bool (B, N): pred (B, N, F) or (P, B, N, F) and target (B, N, F) hold N positions
+    per sample, and a sample's cosine is the mean over its valid positions."""
+    cos = F.cosine_similarity(pred, target.to(pred.dtype).expand_as(pred), dim=-1)  # (B,) or (P, B) [, N]
+    if valid is not None:
+        cos = torch.where(valid, cos, torch.zeros_like(cos)).sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)
     cos = cos.reshape(-1, cos.shape[-1]).mean(dim=0)  # (B,): mean over the partners
     miss = torch.where(masks["samples"], 1 - cos, torch.zeros_like(cos))  # where(): a dropped row adds exactly 0
     return get_world_size() * miss.sum() / masks["n_samples"]
@@ -189,6 +209,33 @@ def view_term(comp, comp2, masks, temperature=VIEW_TEMPERATURE):
         ce = F.cross_entropy(logits, labels, reduction="none")  # (B,) local rows against all columns
         losses.append(world * torch.where(rows, ce, torch.zeros_like(ce)).sum() / masks["n_samples"])
     return (losses[0] + losses[1]) / 2
+
+
+@torch.no_grad()
+def centred(x, valid):
+    """Frozen data x (B, ..., F), bool valid (B, ...) -> float32 x minus its mean over the global batch's samples
+    where valid (per feature, and per position for (B, N, F)), exactly 0 where not valid. The sums and counts are
+    all-reduced, so every rank subtracts the global batch's mean."""
+    x = torch.where(valid[..., None], x.float(), torch.zeros((), device=x.device))
+    stats = all_reduce_sum(torch.cat([x.sum(dim=0), valid.sum(dim=0)[..., None].float()], dim=-1))  # one all-reduce
+    mean = stats[..., :-1] / stats[..., -1:].clamp(min=1)
+    return torch.where(valid[..., None], x - mean, torch.zeros((), device=x.device))
+
+
+def token_term(pred, context, padding, masks, target="pooled", loss="cosine"):
+    """The token-level residual of one modality (the module docstring's `token`). pred: its token decoder's output,
+    (B, C) for target "pooled", (B, N, C) for "tokens", with a leading P (one per partner) for the partner source;
+    context (B, N, C) its frozen Stage 1 tokens (float16 from a cache: computed in float32), padding bool (B, N),
+    True = padded, or None; masks: complementary_masks of the complementary keep mask."""
+    valid = ~padding if padding is not None else torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+    if target == "tokens":
+        if pred.shape[-2:] != context.shape[1:]:
+            raise ValueError(f"token target 'tokens': predictions {tuple(pred.shape)} for context {tuple(context.shape)}")
+        return residual_term(pred.float(), centred(context, valid), masks, valid)
+    goal = centred(masked_mean(context.float(), valid), valid.new_ones(valid.shape[:1]))  # (B, C), every sample
+    if loss == "infonce":
+        return torch.stack([view_term(p, goal, masks) for p in pred.reshape(-1, *goal.shape)]).mean()
+    return residual_term(pred.float(), goal, masks)
 
 
 def topk_hits(sim, k):
@@ -267,13 +314,17 @@ class Stage2Loss(nn.Module):
     RegisterModule decoders (recon_dims / residual_dims); contrastive_prefixes: "full" (the contrastive loss on the
     K_o overlapping tokens) or "all" (its mean over the prefixes k = 1..K_o); complementary_difference_weight: the
     batch-level difference term (difference_term); complementary_view_weight: the view contrastive term (view_term,
-    needs out["view2"]). The defaults are the original objective.
+    needs out["view2"]); complementary_token_weight / _target ("pooled" | "tokens") / _loss ("cosine" | "infonce",
+    the latter pooled only): the token-level residual (token_term; needs the RegisterModule's token decoders, built
+    for the same target, and out["context"] / out["padding_mask"], which FluxTalk adds). The defaults are the
+    original objective.
     """
 
     def __init__(self, num_overlapping, complementary_reg_weight=0.0, complementary_recon_weight=0.0,
                  complementary_reg_terms=("l2", "diversity"), complementary_l2="sum",
                  complementary_residual_weight=0.0, contrastive_prefixes="full", complementary_difference_weight=0.0,
-                 complementary_view_weight=0.0):
+                 complementary_view_weight=0.0, complementary_token_weight=0.0, complementary_token_target="pooled",
+                 complementary_token_loss="cosine"):
         super().__init__()
         if not set(complementary_reg_terms) <= {"l2", "diversity"}:
             raise ValueError(f"complementary_reg_terms must be among 'l2', 'diversity', got {complementary_reg_terms}")
@@ -281,11 +332,19 @@ class Stage2Loss(nn.Module):
             raise ValueError(f"complementary_l2 must be 'sum' or 'mean', got {complementary_l2!r}")
         if contrastive_prefixes not in ("full", "all"):
             raise ValueError(f"contrastive_prefixes must be 'full' or 'all', got {contrastive_prefixes!r}")
+        if complementary_token_target not in ("pooled", "tokens"):
+            raise ValueError(f"complementary_token_target must be 'pooled' or 'tokens', got {complementary_token_target!r}")
+        if complementary_token_loss not in ("cosine", "infonce"):
+            raise ValueError(f"complementary_token_loss must be 'cosine' or 'infonce', got {complementary_token_loss!r}")
+        if complementary_token_loss == "infonce" and complementary_token_target == "tokens":
+            raise ValueError("complementary_token_loss 'infonce' needs complementary_token_target 'pooled'")
         self.num_overlapping = num_overlapping
         self.reg_weight, self.recon_weight = complementary_reg_weight, complementary_recon_weight
         self.reg_terms, self.l2 = tuple(complementary_reg_terms), complementary_l2
         self.residual_weight = complementary_residual_weight
         self.difference_weight, self.view_weight = complementary_difference_weight, complementary_view_weight
+        self.token_weight, self.token_target = complementary_token_weight, complementary_token_target
+        self.token_loss = complementary_token_loss
         # "all": Matryoshka Representation Learning's every-prefix loss (unweighted mean over k)
         self.prefixes = range(1, num_overlapping + 1) if contrastive_prefixes == "all" else [num_overlapping]
 
@@ -334,6 +393,13 @@ class Stage2Loss(nn.Module):
             comp2 = {m: masked_mean(r[:, K_o:], keep[:, K_o:]) for m, r in out["view2"].items()}
             total = total + self.view_weight * self.per_modality(
                 "view", {m: view_term(comp[m], comp2[m], masks) for m in registers}, terms)
+        if self.token_weight > 0:
+            if "token" not in out or "context" not in out:
+                raise ValueError("complementary_token_weight > 0 needs RegisterModule(token_dims=...) and the frozen "
+                                 "context tokens (out['context'], as FluxTalk adds them)")
+            total = total + self.token_weight * self.per_modality("token", {
+                m: token_term(p, out["context"][m], out["padding_mask"].get(m), masks, self.token_target,
+                              self.token_loss) for m, p in out["token"].items()}, terms)
         terms["logit_scale"] = out["logit_scale"].detach()
         terms["loss"] = total.detach()
         return total, terms
