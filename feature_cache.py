@@ -302,6 +302,17 @@ class CachedFeatureDataset(Dataset):
         return out
 
 
+def check_token_counts(arrays, where, counts):
+    """DataError unless each modality's cached tokens (arrays: cached_arrays) have the N_m positions of `counts`, those
+    the per-position token decoders were built for (only those runs check: elsewhere nothing depends on N_m)."""
+    for m, n in counts.items():
+        cached = arrays[f"{m}_tokens"]["shape"][0]
+        if cached != n:
+            raise DataError(f"{where}: {m} tokens hold {cached} positions, this Stage 1 gives {n}, and "
+                            f"--complementary_token_target tokens decodes one query per position; rebuild the cache "
+                            f"with cache_features.py, or use --complementary_token_target pooled")
+
+
 def build_cached_dataset(args, split, stage1, seed):
     """The CachedFeatureDataset of `split` under args.feature_cache, refused (DataError) when it was made with
     another Stage 1, without an active modality, or from another split. With --datasets_dir the cached sample
@@ -313,6 +324,9 @@ def build_cached_dataset(args, split, stage1, seed):
         ids = build_dataset(args, split, stage1.tokenizer, active, seed, augment=False).sample_ids
     check_cache_meta(meta, root, split, stage1.fingerprint, active, args, ids)
     check_shards(root, split, meta, reader_arrays(active))  # sizes and headers: a damaged shard is named now
+    if getattr(args, "complementary_token_weight", 0) > 0 and args.complementary_token_target == "tokens":
+        check_token_counts(cached_arrays(os.path.join(root, split), meta), f"--feature_cache {root} ({split})",
+                           {m: stage1.token_counts[m] for m in active})
     augment = split == "train" and not args.no_augment
     two_views = split == "train" and getattr(args, "complementary_view_weight", 0) > 0
     ds = CachedFeatureDataset(root, split, meta, active, seed, augment, two_views)

@@ -118,9 +118,22 @@ def get_args_parser():
                         "overlapping embedding + the complementary token, so only the latter can add what the "
                         "former lacks (0: off)")
     g.add_argument("--complementary_residual_source", default="own", choices=["own", "partner"],
-                   help="the residual term's shared embedding: the modality's own, or (partner) each other "
-                        "modality's, averaged over them: the partner never saw the modality's specific factors, so "
-                        "only its complementary token can supply them")
+                   help="the shared embedding the residual and token terms' decoders read: the modality's own, or "
+                        "(partner) each other modality's, averaged over them: the partner never saw the modality's "
+                        "specific factors, so only its complementary token can supply them")
+    g.add_argument("--complementary_token_weight", default=0.0, type=non_negative_float,
+                   help="weight of the token-level residual: decode the modality's own frozen Stage 1 context tokens "
+                        "(not its global embedding, which a contrastively trained encoder may have stripped of what "
+                        "only it sees) from the stop-gradient shared embedding (--complementary_residual_source) + "
+                        "the complementary token, as the residual term's decoder reads them (0: off)")
+    g.add_argument("--complementary_token_target", default="pooled", choices=["pooled", "tokens"],
+                   help="the token term's target: pooled = the mean of the context tokens over their non-padded "
+                        "positions, centred over the global batch (a linear decoder); tokens = every token, centred "
+                        "per position (a small MAE-style decoder with one learned query per context position)")
+    g.add_argument("--complementary_token_loss", default="cosine", choices=["cosine", "infonce"],
+                   help="the token term's loss: cosine = 1 - cos(prediction, centred target), in [0, 2] at every "
+                        "width; infonce (pooled only) = symmetric InfoNCE over the batch at the view term's fixed "
+                        "temperature 0.1 (FactorCL/CPC-style conditional InfoNCE)")
     g.add_argument("--complementary_difference_weight", default=0.0, type=non_negative_float,
                    help="weight of Domain Separation Networks' batch-level difference term: the mean squared "
                         "correlation over the batch between the (detached) shared embedding and the complementary "
@@ -139,13 +152,14 @@ def get_args_parser():
     # The default is the study's decision (study/results/RESULTS.md, README "Does it work?"): on the latent source
     # only `separate` met the issue's bars for the complementary token and for ordering; `mission` reproduces the
     # original loss exactly.
-    g.add_argument("--objective", default="separate", choices=["mission", "separate", "custom"],
+    g.add_argument("--objective", default="separate", choices=["mission", "separate", "tokens", "custom"],
                    help="preset of the objective flags above (an explicit flag still wins): separate = separate "
                         "complementary pathway + partner residual (weight 1) + all-prefix contrastive loss, nested "
-                        "dropout 0, L2 + diversity at 0.01 (the default, chosen by the study); mission = the "
-                        "original loss (shared pathway, nested dropout 0.5, reg weight 0.01 on L2 (sum) + "
-                        "diversity, full contrastive, no other term); custom = no preset, each flag's own default "
-                        "(the mission's values)")
+                        "dropout 0, L2 + diversity at 0.01 (the default, chosen by the study); tokens = separate with "
+                        "the token-level residual (pooled target, cosine, partner source, weight 1) in place of the "
+                        "residual; mission = the original loss (shared pathway, nested dropout 0.5, reg weight 0.01 "
+                        "on L2 (sum) + diversity, full contrastive, no other term); custom = no preset, each flag's "
+                        "own default (the mission's values)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", default=64, type=positive_int, help="per-GPU batch size")
@@ -169,11 +183,12 @@ MISSION = dict(complementary_pathway="shared", complementary_reg_weight=0.01,
                complementary_reg_terms=["l2", "diversity"], complementary_l2="sum", complementary_recon_weight=0.0,
                complementary_residual_weight=0.0, complementary_residual_source="own",
                complementary_difference_weight=0.0, complementary_view_weight=0.0, contrastive_prefixes="full",
-               nested_dropout_rate=0.5)
-PRESETS = {"mission": MISSION, "custom": {},
-           "separate": dict(MISSION, complementary_pathway="separate", complementary_residual_weight=1.0,
-                            complementary_residual_source="partner", contrastive_prefixes="all",
-                            nested_dropout_rate=0.0)}
+               nested_dropout_rate=0.5, complementary_token_weight=0.0, complementary_token_target="pooled",
+               complementary_token_loss="cosine")
+SEPARATE = dict(MISSION, complementary_pathway="separate", complementary_residual_weight=1.0,
+                complementary_residual_source="partner", contrastive_prefixes="all", nested_dropout_rate=0.0)
+PRESETS = {"mission": MISSION, "custom": {}, "separate": SEPARATE,
+           "tokens": dict(SEPARATE, complementary_residual_weight=0.0, complementary_token_weight=1.0)}
 
 
 def parse_args(argv=None):
@@ -191,8 +206,11 @@ def parse_args(argv=None):
                      f"({args.register_heads})")
     if args.complementary_pathway == "separate" and not complementary_objective(args):
         parser.error("--complementary_pathway separate: no complementary objective is on (--complementary_reg_weight, "
-                     "_recon_weight, _residual_weight, _difference_weight, _view_weight all 0): its pathway would "
-                     "train on nothing")
+                     "_recon_weight, _residual_weight, _difference_weight, _view_weight, _token_weight all 0): its "
+                     "pathway would train on nothing")
+    if args.complementary_token_loss == "infonce" and args.complementary_token_target == "tokens":
+        parser.error("--complementary_token_loss infonce needs --complementary_token_target pooled (one target "
+                     "vector per sample to contrast)")
     if args.complementary_view_weight > 0 and args.no_augment:
         parser.error("--complementary_view_weight needs two different augmented views of each sample: not with "
                      "--no_augment")
@@ -212,18 +230,20 @@ def parse_args(argv=None):
 def complementary_objective(args):
     """Whether any loss term trains the complementary tokens."""
     return any(getattr(args, f"complementary_{t}_weight") > 0
-               for t in ("reg", "recon", "residual", "difference", "view"))
+               for t in ("reg", "recon", "residual", "difference", "view", "token"))
 
 
 # ------------------------------------------------------------------------------------------------ building
 
 def param_groups(module, weight_decay):
-    """No weight decay on norms, biases, register tokens (both pathways') or the logit scale (as MAE/OpenCLIP)."""
+    """No weight decay on norms, biases, register tokens (both pathways'), the token decoders' queries and slot
+    embeddings (learned tokens too) or the logit scale (as MAE/OpenCLIP)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim <= 1 or name in ("register_tokens", "comp_tokens", "logit_scale")
+        exempt = p.ndim <= 1 or name in ("register_tokens", "comp_tokens", "logit_scale") or (
+            name.startswith("token_decoder.") and name.endswith((".queries", ".slots")))
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -290,14 +310,17 @@ def build_model(args, stage1):
         logit_scale_init=stage1.logit_scale,
         recon_dims=targets if args.complementary_recon_weight else None,
         residual_dims=targets if args.complementary_residual_weight else None,
-        complementary_pathway=args.complementary_pathway, residual_source=args.complementary_residual_source)
+        complementary_pathway=args.complementary_pathway, residual_source=args.complementary_residual_source,
+        token_dims=stage1.feature_dims if args.complementary_token_weight else None,
+        token_target=args.complementary_token_target, token_counts=stage1.token_counts)
     return FluxTalk(stage1, registers)
 
 
 def build_criterion(args):
     return Stage2Loss(args.num_overlapping_tokens, args.complementary_reg_weight, args.complementary_recon_weight,
                       args.complementary_reg_terms, args.complementary_l2, args.complementary_residual_weight,
-                      args.contrastive_prefixes, args.complementary_difference_weight, args.complementary_view_weight)
+                      args.contrastive_prefixes, args.complementary_difference_weight, args.complementary_view_weight,
+                      args.complementary_token_weight, args.complementary_token_target, args.complementary_token_loss)
 
 
 # --------------------------------------------------------------------------------------------------- logging
