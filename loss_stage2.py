@@ -230,7 +230,8 @@ def token_term(pred, context, padding, masks, target="pooled", loss="cosine"):
     valid = ~padding if padding is not None else torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
     if target == "tokens":
         if pred.shape[-2:] != context.shape[1:]:
-            raise ValueError(f"token target 'tokens': predictions {tuple(pred.shape)} for context {tuple(context.shape)}")
+            raise ValueError(f"token target 'tokens': predictions {tuple(pred.shape)} for context "
+                             f"{tuple(context.shape)}")
         return residual_term(pred.float(), centred(context, valid), masks, valid)
     goal = centred(masked_mean(context.float(), valid), valid.new_ones(valid.shape[:1]))  # (B, C), every sample
     if loss == "infonce":
@@ -333,7 +334,8 @@ class Stage2Loss(nn.Module):
         if contrastive_prefixes not in ("full", "all"):
             raise ValueError(f"contrastive_prefixes must be 'full' or 'all', got {contrastive_prefixes!r}")
         if complementary_token_target not in ("pooled", "tokens"):
-            raise ValueError(f"complementary_token_target must be 'pooled' or 'tokens', got {complementary_token_target!r}")
+            raise ValueError(f"complementary_token_target must be 'pooled' or 'tokens', got "
+                             f"{complementary_token_target!r}")
         if complementary_token_loss not in ("cosine", "infonce"):
             raise ValueError(f"complementary_token_loss must be 'cosine' or 'infonce', got {complementary_token_loss!r}")
         if complementary_token_loss == "infonce" and complementary_token_target == "tokens":

@@ -126,6 +126,8 @@ class TokenDecoder(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.head = nn.Linear(width, out_dim)
+        nn.init.trunc_normal_(self.queries, std=0.02)  # as the register tokens
+        nn.init.trunc_normal_(self.slots, std=0.02)
 
     def forward(self, x):
         lead = x.shape[:-1]  # (B,) or (P, B)
@@ -212,10 +214,6 @@ class RegisterModule(nn.Module):
             for m, c in token_dims.items()})
         if self.token_decoder is not None:
             self.token_decoder.apply(self._init_weights)
-            for decoder in self.token_decoder.values():
-                if token_target == "tokens":
-                    nn.init.trunc_normal_(decoder.queries, std=0.02)
-                    nn.init.trunc_normal_(decoder.slots, std=0.02)
 
     @torch.no_grad()
     def clamp_logit_scale(self):

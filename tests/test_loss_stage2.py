@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import ddp_loss_worker
 from conftest import free_port
 from loss_stage2 import (TVL_TEXT_THRESHOLDS, Stage2Loss, complementary_masks, complementary_terms, contrastive_loss,
-                         difference_term, masked_mean, prefix_curve, recall_at_k, residual_term, tvl_metrics,
-                         view_term, VIEW_TEMPERATURE)
-from tvl_stage2 import residual_inputs
+                         difference_term, masked_mean, prefix_curve, recall_at_k, residual_term, token_term,
+                         tvl_metrics, view_term, VIEW_TEMPERATURE)
+from tvl_stage2 import TokenDecoder, residual_inputs
 
 
 def _out(B=6, K=4, E=8, seed=0, keep=None):
@@ -181,6 +181,161 @@ def test_partner_residual_matches_explicit_loops_and_skips_every_shared_embeddin
     for m, g in zip(regs, grads):
         assert torch.all(g[:, :K_o] == 0)  # no modality's overlapping tokens: every shared half is stop-gradient
         assert torch.all(g[:, K_o][~keep[:, K_o]] == 0) and g[:, K_o][keep[:, K_o]].abs().sum(-1).gt(0).all()
+
+
+TOKEN_DIMS, TOKEN_N = {"tactile": 5, "text": 7, "vision": 6}, 4
+
+
+def _with_token(out, K_o, target, source, seed=0):
+    """Adds out["token"] from fresh decoders (Linear(2E -> C_m), or a TokenDecoder with TOKEN_N queries), and the
+    frozen context out["context"] (float16, as a cache holds it) with text padding out["padding_mask"]."""
+    torch.manual_seed(seed)
+    B, E = out["keep"].shape[0], next(iter(out["registers"].values())).shape[-1]
+    decoders = {m: nn.Linear(2 * E, c) if target == "pooled" else TokenDecoder(E, 8, 2, TOKEN_N, c)
+                for m, c in TOKEN_DIMS.items()}
+    out["context"] = {m: (3 * torch.randn(B, TOKEN_N, c) + 1).half() for m, c in TOKEN_DIMS.items()}
+    # text keeps 1..N positions (one sample all of them); a padded position must never count
+    out["padding_mask"] = {"text": torch.arange(TOKEN_N)[None, :] >= torch.randint(1, TOKEN_N + 1, (B, 1))}
+    out["padding_mask"]["text"][0] = False
+    out["context"]["text"][out["padding_mask"]["text"]] = 1e4  # large (and then centred): would dominate if it leaked
+    inputs = residual_inputs(out["registers"], out["keep"], K_o, source)
+    out["token"] = {m: decoders[m](x) for m, x in inputs.items()}
+    return decoders
+
+
+def _cos(a, b):
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def _numpy_infonce(pred, goal, temperature=VIEW_TEMPERATURE):
+    """Symmetric InfoNCE by explicit loops: each row i against every column, both directions, mean."""
+    z1 = [p / np.linalg.norm(p) for p in pred]
+    z2 = [g / np.linalg.norm(g) for g in goal]
+    total = 0.0
+    for a, b in ((z1, z2), (z2, z1)):
+        for i in range(len(a)):
+            logits = [float(a[i] @ b[j]) / temperature for j in range(len(b))]
+            total += np.log(sum(np.exp(v) for v in logits)) - logits[i]
+    return total / (2 * len(z1))
+
+
+def _manual_token(out, decoders, K_o, target, loss, source):
+    """Reference, per modality: the frozen tokens in float64 numpy, the target pooled over the valid positions and
+    centred over every sample (pooled), or each position centred over the samples where it is valid (tokens);
+    predictions from each sample's own decoder input built by hand (mean of the kept overlapping tokens of the
+    modality or of each partner, mean of its kept complementary tokens), one sample at a time; the loss over the
+    samples with a kept complementary token, partner by partner."""
+    keep, regs, per_m = out["keep"], out["registers"], {}
+    K = keep.shape[1]
+    for m, r in regs.items():
+        ctx = out["context"][m].double().numpy()
+        B, N, _ = ctx.shape
+        valid = ~out["padding_mask"][m].numpy() if m in out["padding_mask"] else np.ones((B, N), bool)
+        if target == "pooled":
+            pooled = np.stack([ctx[b][valid[b]].mean(0) for b in range(B)])
+            goal = pooled - pooled.mean(0)
+        else:
+            goal = np.zeros_like(ctx)
+            for n in range(N):
+                rows = [b for b in range(B) if valid[b, n]]
+                for b in rows:
+                    goal[b, n] = ctx[b, n] - ctx[rows, n].mean(0)
+        kept = [b for b in range(B) if keep[b, K_o:].any()]
+        partners = [m] if source == "own" else [p for p in regs if p != m]
+        preds = {}  # (partner, sample) -> prediction
+        for p in partners:
+            for b in kept:
+                overlap = [regs[p][b, j] for j in range(K_o) if keep[b, j]]
+                comp = [r[b, j] for j in range(K_o, K) if keep[b, j]]
+                x = torch.cat([sum(overlap) / len(overlap), sum(comp) / len(comp)]).detach()
+                preds[p, b] = decoders[m](x[None])[0].detach().double().numpy()
+        if not kept:
+            per_m[m] = 0.0
+        elif loss == "infonce":
+            per_m[m] = np.mean([_numpy_infonce([preds[p, b] for b in kept], goal[kept]) for p in partners])
+        else:
+            misses = []
+            for b in kept:
+                per_partner = []
+                for p in partners:
+                    if target == "pooled":
+                        per_partner.append(1 - _cos(preds[p, b], goal[b]))
+                    else:
+                        per_partner.append(np.mean([1 - _cos(preds[p, b][n], goal[b, n]) for n in range(N)
+                                                    if valid[b, n]]))
+                misses.append(np.mean(per_partner))
+            per_m[m] = np.mean(misses)
+    return per_m
+
+
+TOKEN_FORMS = [("pooled", "cosine"), ("tokens", "cosine"), ("pooled", "infonce")]
+
+
+@pytest.mark.parametrize("source", ["own", "partner"])
+@pytest.mark.parametrize("target, loss", TOKEN_FORMS)
+def test_token_term_matches_explicit_loops_and_steers_only_kept_complementary_tokens(target, loss, source):
+    out, K_o = _out(B=9, K=5, E=6, seed=13), 3
+    keep, regs = out["keep"], out["registers"]
+    rows = keep[:, K_o:].any(1)
+    assert 2 < rows.sum() < 9 and (keep[:, K_o] & ~keep[:, K_o + 1]).any()  # dropped, one and two kept tokens
+    decoders = _with_token(out, K_o, target, source)
+    lead = (2,) if source == "partner" else ()
+    for m, pred in out["token"].items():
+        assert pred.shape == lead + (9,) + ((TOKEN_N,) if target == "tokens" else ()) + (TOKEN_DIMS[m],)
+    kw = dict(complementary_token_target=target, complementary_token_loss=loss)
+    total, terms = Stage2Loss(K_o, 0.0, complementary_token_weight=0.6, **kw)(out)
+    ref = _manual_token(out, decoders, K_o, target, loss, source)
+    for m in regs:
+        assert terms[f"token_{m}"].item() == pytest.approx(ref[m], rel=1e-5, abs=1e-6), m
+    assert terms["token"].item() == pytest.approx(np.mean(list(ref.values())), rel=1e-5) and terms["token"] > 0
+    assert torch.allclose(total, terms["contrastive"] + 0.6 * terms["token"], atol=1e-6)
+    if loss == "infonce":  # also open_clip's ClipLoss on the kept rows at logit scale 1 / 0.1, per partner
+        for m in regs:
+            valid = ~out["padding_mask"][m] if m == "text" else torch.ones(9, TOKEN_N, dtype=torch.bool)
+            pooled = masked_mean(out["context"][m].double(), valid)
+            goal = F.normalize((pooled - pooled.mean(0)).float()[rows], dim=-1)
+            preds = out["token"][m].reshape(-1, 9, TOKEN_DIMS[m])
+            clip = [open_clip.loss.ClipLoss()(F.normalize(p[rows], dim=-1), goal, torch.tensor(1 / VIEW_TEMPERATURE))
+                    for p in preds]
+            assert torch.allclose(terms[f"token_{m}"], sum(clip) / len(clip), atol=1e-5), m
+    masks = complementary_masks(keep[:, K_o:])
+    value = sum(token_term(out["token"][m], out["context"][m], out["padding_mask"].get(m), masks, target, loss)
+                for m in regs)
+    params = [p for d in decoders.values() for p in d.parameters()]
+    grads = torch.autograd.grad(value, list(regs.values()) + params)
+    for g in grads[:len(regs)]:
+        assert torch.all(g[:, :K_o] == 0)  # the shared half is stop-gradient
+        assert torch.all(g[:, K_o:][~keep[:, K_o:]] == 0) and g[:, K_o:][keep[:, K_o:]].abs().sum(-1).gt(0).all()
+    assert all(g.abs().sum() > 0 for g in grads[len(regs):])  # every decoder parameter learns
+
+
+@pytest.mark.parametrize("target, loss", TOKEN_FORMS)
+def test_token_term_is_exactly_zero_without_kept_complementary_tokens(target, loss):
+    out, K_o = _out(B=6, seed=6, keep=torch.arange(4)[None, :] < torch.tensor([1, 3, 2, 3, 3, 1])[:, None]), 3
+    decoders = _with_token(out, K_o, target, "partner")
+    total, terms = Stage2Loss(K_o, 0.0, complementary_token_weight=1.0, complementary_token_target=target,
+                              complementary_token_loss=loss)(out)
+    assert terms["token"].item() == 0.0 and all(terms[f"token_{m}"].item() == 0.0 for m in decoders)
+    assert torch.equal(total, terms["contrastive"])
+    masks = complementary_masks(out["keep"][:, K_o:])
+    value = sum(token_term(out["token"][m], out["context"][m], out["padding_mask"].get(m), masks, target, loss)
+                for m in decoders)
+    for g in torch.autograd.grad(value, [p for d in decoders.values() for p in d.parameters()]):
+        assert torch.all(g == 0)  # zero, not NaN
+
+
+def test_token_term_refusals():
+    out = _out()
+    _with_token(out, 3, "pooled", "own")
+    with pytest.raises(ValueError, match="token_dims"):
+        Stage2Loss(3, complementary_token_weight=1.0)({k: v for k, v in out.items() if k != "token"})
+    with pytest.raises(ValueError, match="context"):
+        Stage2Loss(3, complementary_token_weight=1.0)({k: v for k, v in out.items() if k != "context"})
+    with pytest.raises(ValueError, match="complementary_token_loss 'infonce' needs complementary_token_target"):
+        Stage2Loss(3, complementary_token_target="tokens", complementary_token_loss="infonce")
+    with pytest.raises(ValueError, match="predictions"):  # a pooled decoder's output read as per-token predictions
+        Stage2Loss(3, complementary_token_weight=1.0, complementary_token_target="tokens")(out)
+    assert not any(k.startswith("token") for k in Stage2Loss(3)(out)[1])  # off: nothing logged
 
 
 def _numpy_difference(shared, comp, rows, eps=1e-6):
