@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from loss_stage2 import (Stage2Loss, complementary_masks, complementary_terms, difference_term, masked_mean,
-                         residual_term, view_term)
-from tvl_stage2 import FluxTalk, RegisterModule, nested_dropout_mask
+                         residual_term, token_term, view_term)
+from tvl_stage2 import FluxTalk, RegisterModule, TokenDecoder, nested_dropout_mask
 
 DIMS = {"tactile": 12, "text": 10, "vision": 14}
 
@@ -140,14 +140,103 @@ def test_separate_pathway_changes_no_initial_value_and_keeps_the_overlapping_out
         assert b["residual"][m].shape == (2, 5, 5)  # one prediction per partner modality
 
 
+TOKEN_COUNTS = {m: 7 for m in DIMS}  # _tokens' N
+
+
+@pytest.mark.parametrize("target", ["pooled", "tokens"])
+def test_token_decoders_are_optional_made_last_and_change_no_other_initial_value(target):
+    kw = dict(residual_dims={m: 5 for m in DIMS}, complementary_pathway="separate", residual_source="partner")
+    plain = _module(**kw)
+    assert plain.token_decoder is None and "token" not in plain(_tokens())
+    with_token = _module(**kw, token_dims=DIMS, token_target=target, token_counts=TOKEN_COUNTS)
+    own, new = plain.state_dict(), with_token.state_dict()
+    for k, v in own.items():  # same seed: every other parameter starts where it did (the separate pathway's too)
+        assert torch.equal(v, new[k]), k
+    extra = {k: v.shape for k, v in new.items() if k not in own}
+    assert {k.split(".")[0] for k in extra} == {"token_decoder"}
+    for m, c in DIMS.items():
+        if target == "pooled":  # Linear(2E -> C_m)
+            assert {k: s for k, s in extra.items() if k.startswith(f"token_decoder.{m}.")} == {
+                f"token_decoder.{m}.weight": (c, 32), f"token_decoder.{m}.bias": (c,)}
+        else:  # N_m queries and 2 slots of the register width D, Linear(D -> C_m) last
+            assert extra[f"token_decoder.{m}.queries"] == (7, 32) and extra[f"token_decoder.{m}.slots"] == (2, 32)
+            assert extra[f"token_decoder.{m}.head.weight"] == (c, 32)
+            for half in ("shared_in", "comp_in"):  # Linear(E -> D) of each memory slot
+                assert extra[f"token_decoder.{m}.{half}.weight"] == (32, 16)
+    if target == "tokens":  # trunc normal std 0.02, like the register tokens
+        queries = torch.cat([with_token.token_decoder[m].queries.flatten() for m in DIMS])
+        assert abs(queries.std().item() - 0.02) < 0.003 and abs(queries.mean().item()) < 0.003
+    with pytest.raises(ValueError, match="token_counts"):
+        _module(token_dims=DIMS, token_target="tokens")
+
+
+def test_token_decoder_is_mae_cross_attention_from_per_position_queries_to_a_two_token_memory():
+    torch.manual_seed(0)
+    E, D, H, N, C = 6, 8, 2, 5, 3
+    dec = TokenDecoder(E, D, H, N, C).eval()
+    x = torch.randn(4, 2 * E)
+    out = dec(x)
+    assert out.shape == (4, N, C) and dec(x.expand(3, 4, 2 * E)).shape == (3, 4, N, C)  # (P, B, 2E) partners too
+    # independently: per sample, head and position, softmax over the two memory slots, by hand
+    with torch.no_grad():
+        for b in range(4):
+            memory = torch.stack([dec.shared_in(x[b, :E]), dec.comp_in(x[b, E:])]) + dec.slots  # (2, D)
+            keys, values = dec.cross_attn.kv(memory).split(D, dim=-1)
+            for n in range(N):
+                q = dec.cross_attn.q(dec.norm1(dec.queries[n]))
+                heads = []
+                for h in range(H):
+                    cut = slice(h * D // H, (h + 1) * D // H)
+                    weights = torch.softmax(keys[:, cut] @ q[cut] / math.sqrt(D // H), dim=0)  # (2,)
+                    heads.append(weights @ values[:, cut])
+                y = dec.queries[n] + dec.cross_attn.proj(torch.cat(heads))
+                y = y + dec.mlp(dec.norm2(y))
+                torch.testing.assert_close(out[b, n], dec.head(dec.norm(y)), rtol=0, atol=1e-6)
+        # the memory is the only per-sample input: changing sample 0's complementary half (or its shared half)
+        # changes every position of sample 0 and nothing of the others
+        for half in (slice(E, None), slice(0, E)):
+            changed = x.clone()
+            changed[0, half] += 1.0
+            moved = dec(changed)
+            assert (moved[0] - out[0]).abs().amax(-1).gt(1e-4).all() and torch.equal(moved[1:], out[1:])
+        # the queries are per position: swapping two queries swaps those two positions' predictions
+        dec.queries[[0, 3]] = dec.queries[[3, 0]]
+        swapped = dec(x)
+        torch.testing.assert_close(swapped[:, [3, 0]], out[:, [0, 3]], rtol=0, atol=1e-6)
+        torch.testing.assert_close(swapped[:, [1, 2, 4]], out[:, [1, 2, 4]], rtol=0, atol=0)
+
+
+def test_fluxtalk_hands_the_loss_the_frozen_context_only_with_token_decoders(tiny_stage1):
+    s1 = tiny_stage1
+    g = torch.Generator().manual_seed(0)
+    batch = {"tokens": {m: torch.randn(2, s1.token_counts[m], c, generator=g) for m, c in s1.feature_dims.items()},
+             "padding_mask": {"text": torch.arange(77)[None, :] > torch.tensor([[5], [9]])},
+             "global": {m: torch.randn(2, s1.embed_dim, generator=g) for m in s1.feature_dims}}
+    kw = dict(width=32, depth=1, num_heads=4)
+    plain = FluxTalk(s1, RegisterModule(s1.feature_dims, s1.embed_dim, **kw))(batch)
+    assert "context" not in plain and "padding_mask" not in plain and "token" not in plain
+    model = FluxTalk(s1, RegisterModule(s1.feature_dims, s1.embed_dim, **kw, token_dims=s1.feature_dims,
+                                        token_target="tokens", token_counts=s1.token_counts))
+    out = model(batch)
+    for m, t in batch["tokens"].items():
+        assert out["context"][m] is t  # the very tensors the register module read: no copy
+        assert out["token"][m].shape == t.shape
+    assert out["padding_mask"] is batch["padding_mask"]
+    half = dict(batch, tokens={m: t.half() for m, t in batch["tokens"].items()})  # as a cache stores them
+    assert all(t.dtype == torch.float32 for t in model(half)["context"].values())
+
+
 def overlapping_parameters(module):
     """The parameters the overlapping tokens depend on: everything but the complementary pathway and decoders."""
-    return {n: p for n, p in module.named_parameters() if not n.startswith(("comp_", "residual.", "recon."))}
+    return {n: p for n, p in module.named_parameters()
+            if not n.startswith(("comp_", "residual.", "recon.", "token_decoder."))}
 
 
-def test_no_complementary_gradient_reaches_the_overlapping_pathway():
+@pytest.mark.parametrize("target", ["pooled", "tokens"])
+def test_no_complementary_gradient_reaches_the_overlapping_pathway(target):
     module = _module(complementary_pathway="separate", residual_dims={m: 5 for m in DIMS},
-                     recon_dims={m: 5 for m in DIMS}, residual_source="partner")
+                     recon_dims={m: 5 for m in DIMS}, residual_source="partner", token_dims=DIMS, token_target=target,
+                     token_counts=TOKEN_COUNTS)
     keep = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     pad = {"text": torch.arange(7)[None, :] >= torch.tensor([2, 7, 4])[:, None]}
     out = module(_tokens(), pad, keep=keep, view2={"tokens": _tokens(seed=1), "padding_mask": pad})
@@ -164,6 +253,10 @@ def test_no_complementary_gradient_reaches_the_overlapping_pathway():
         "difference": sum(difference_term(shared[m], comp[m], masks) for m in DIMS),
         "view": sum(view_term(comp[m], masked_mean(out["view2"][m][:, 3:], keep[:, 3:]), masks) for m in DIMS),
         "recon": sum((1 - torch.cosine_similarity(out["recon"][m], out["global"][m])).mean() for m in DIMS)}
+    context = _tokens()
+    for loss in ("cosine", "infonce") if target == "pooled" else ("cosine",):
+        objectives[f"token {loss}"] = sum(token_term(out["token"][m], context[m], pad.get(m), masks, target, loss)
+                                          for m in DIMS)
     overlap = overlapping_parameters(module)
     comp_params = {n: p for n, p in module.named_parameters() if n.startswith("comp_")}
     for name, loss in objectives.items():
@@ -176,6 +269,10 @@ def test_no_complementary_gradient_reaches_the_overlapping_pathway():
         # that the difference term's standardisation removes, has none)
         assert all(grads[n] is not None for n in comp_params), name
         assert grads["comp_head.weight"].abs().sum() > 0 and grads["comp_tokens"].abs().sum() > 0, name
+        if name.startswith("token"):  # and so do the token decoders, every parameter of them
+            decoder = dict(module.token_decoder.named_parameters())
+            for n, g in zip(decoder, torch.autograd.grad(loss, list(decoder.values()), retain_graph=True)):
+                assert g.abs().sum() > 0, (name, n)
     # and the contrastive loss never reaches the complementary pathway
     total, _ = Stage2Loss(3)(out)
     grads = torch.autograd.grad(total, list(comp_params.values()), allow_unused=True)
