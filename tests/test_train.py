@@ -195,10 +195,38 @@ def test_complementary_flags_reach_the_loss_and_the_model(tiny_stage1):
     E = tiny_stage1.embed_dim
     assert sorted(decoders) == sorted(MODALITIES)
     assert all((d.in_features, d.out_features) == (2 * E, E) for d in decoders.values())
+    assert main_mod.build_model(args, tiny_stage1).unwrapped_registers.token_decoder is None  # weight 0: none
+
+
+@pytest.mark.parametrize("target, loss", [("pooled", "cosine"), ("tokens", "cosine"), ("pooled", "infonce")])
+def test_token_flags_reach_the_loss_and_the_model(tiny_stage1, target, loss):
+    argv = ["--complementary_token_weight", "0.7", "--complementary_token_target", target,
+            "--complementary_token_loss", loss]
+    args = main_mod.parse_args(SEED_COMMAND + argv)
+    criterion = main_mod.build_criterion(args)
+    assert (criterion.token_weight, criterion.token_target, criterion.token_loss) == (0.7, target, loss)
+    module = main_mod.build_model(args, tiny_stage1).unwrapped_registers
+    E, s1 = tiny_stage1.embed_dim, tiny_stage1
+    assert sorted(module.token_decoder) == sorted(MODALITIES)
+    for m, d in module.token_decoder.items():  # C_m and N_m of Stage 1's tokens of m
+        if target == "pooled":
+            assert (d.in_features, d.out_features) == (2 * E, s1.feature_dims[m])
+        else:
+            assert d.queries.shape == (s1.token_counts[m], args.register_width)
+            assert d.head.out_features == s1.feature_dims[m]
+    decay, no_decay = main_mod.param_groups(module, 0.05)
+    no_decay = {id(p) for p in no_decay["params"]}
+    for n, p in module.token_decoder.named_parameters():  # learned tokens (queries, slots) as the register tokens
+        assert (id(p) in no_decay) == (p.ndim == 1 or n.endswith(("queries", "slots"))), n
+    # the token term alone is a complementary objective: the separate pathway then has something to train on
+    alone = main_mod.parse_args(SEED_COMMAND + argv + ["--complementary_pathway", "separate",
+                                                       "--complementary_reg_weight", "0"])
+    assert main_mod.complementary_objective(alone)
 
 
 NEW_OBJECTIVE_FLAGS = ("objective", "complementary_pathway", "complementary_residual_source",
-                       "complementary_difference_weight", "complementary_view_weight", "contrastive_prefixes")
+                       "complementary_difference_weight", "complementary_view_weight", "contrastive_prefixes",
+                       "complementary_token_weight", "complementary_token_target", "complementary_token_loss")
 
 
 def test_objective_mission_is_the_original_objective_and_explicit_flags_override_presets(tiny_stage1):
@@ -211,9 +239,10 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
         0.5, 0.01, ["l2", "diversity"], "sum", 0.0, 0.0)
     assert {k: plain[k] for k in NEW_OBJECTIVE_FLAGS} == {
         "objective": "mission", "complementary_pathway": "shared", "complementary_residual_source": "own",
-        "complementary_difference_weight": 0.0, "complementary_view_weight": 0.0, "contrastive_prefixes": "full"}
+        "complementary_difference_weight": 0.0, "complementary_view_weight": 0.0, "contrastive_prefixes": "full",
+        "complementary_token_weight": 0.0, "complementary_token_target": "pooled", "complementary_token_loss": "cosine"}
     loss = main_mod.build_criterion(main_mod.parse_args(SEED_COMMAND + ["--objective", "mission"]))
-    assert (list(loss.prefixes), loss.difference_weight, loss.view_weight) == ([3], 0.0, 0.0)
+    assert (list(loss.prefixes), loss.difference_weight, loss.view_weight, loss.token_weight) == ([3], 0.0, 0.0, 0.0)
     # the preset without the seed command's explicit --nested_dropout_rate 0.5
     base = list(SEED_COMMAND)
     i = base.index("--nested_dropout_rate")
@@ -234,7 +263,17 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     module = model.unwrapped_registers
     assert module.separate and module.residual_source == "partner" and module.comp_tokens.shape[0] == 1
     loss = main_mod.build_criterion(main_mod.parse_args(base + ["--objective", "separate"]))
-    assert list(loss.prefixes) == [1, 2, 3] and loss.residual_weight == 1.0
+    assert list(loss.prefixes) == [1, 2, 3] and loss.residual_weight == 1.0 and loss.token_weight == 0.0
+    assert module.token_decoder is None  # separate: the token term off, so its loss is the one it always was
+    # tokens: separate with the token-level residual (pooled, cosine, partner source) in place of the residual
+    tokens = vars(main_mod.parse_args(base + ["--objective", "tokens"]))
+    assert {k: v for k, v in tokens.items() if v != separate[k]} == {
+        "objective": "tokens", "complementary_residual_weight": 0.0, "complementary_token_weight": 1.0}
+    assert (tokens["complementary_token_target"], tokens["complementary_token_loss"],
+            tokens["complementary_residual_source"]) == ("pooled", "cosine", "partner")
+    model = main_mod.build_model(main_mod.parse_args(base + ["--objective", "tokens"]), tiny_stage1)
+    module = model.unwrapped_registers
+    assert module.separate and module.residual is None and module.token_decoder is not None
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -258,6 +297,11 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
      "--complementary_pathway separate"),
     (["--complementary_view_weight", "-1"], "--complementary_view_weight"),
     (["--complementary_view_weight", "1", "--no_augment"], "--complementary_view_weight"),
+    (["--complementary_token_weight", "-1"], "--complementary_token_weight"),
+    (["--complementary_token_target", "mean"], "--complementary_token_target"),
+    (["--complementary_token_loss", "l2"], "--complementary_token_loss"),
+    (["--complementary_token_target", "tokens", "--complementary_token_loss", "infonce"],
+     "--complementary_token_loss infonce needs --complementary_token_target pooled"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_invalid_values_fail_at_parse_time(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
