@@ -625,9 +625,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         module, loss_fn, tokens, pad, glob, keep = ddp_loss_worker.build_case(case)
         total, terms = ddp_loss_worker.step(module, loss_fn, tokens, pad, glob, keep, slice(None))
         result = results[case]
-        for name in ("comp_l2", "comp_div", "recon", "residual", "difference", "view"):
+        for name in ("comp_l2", "comp_div", "recon", "residual", "difference", "view", "token"):
             assert terms[name] > 0, (case, name)
-        if case == "separate":
+        if case.startswith("separate"):
             assert {f"contrastive_prefix{k}" for k in (1, 2)} <= set(result["values"])
         assert torch.allclose(result["values"]["total"], total.detach(), atol=1e-5, rtol=0), case
         assert set(result["values"]) == {"total"} | {k for k in terms if not k.startswith("r1_")}
