@@ -1,6 +1,6 @@
-"""The issue-17 objectives end to end: training from a feature cache with --objective separate (and the view term),
-resuming it, reading its embeddings back through embed_stage2; the two views the view term reads, from the cache
-and online; the cache it refuses."""
+"""The issue-17 and issue-22 objectives end to end: training from a feature cache with --objective separate, tokens
+and the per-position token target (and the view term), resuming it, reading its embeddings back through
+embed_stage2; the two views the view term reads, from the cache and online; the caches they refuse."""
 import argparse
 import json
 import os
@@ -41,12 +41,15 @@ def independent_forward(ckpt, cache, split="val"):
     """The checkpoint's register module built from its stored args and the cache's dims, fed the cached split."""
     a, meta = ckpt["args"], json.load(open(os.path.join(cache, split, "meta.json")))
     E, active = meta["embed_dim"], a["active_modality_names"]
+    dims = {m: meta["feature_dims"][m] for m in active}
     module = RegisterModule(
-        {m: meta["feature_dims"][m] for m in active}, E, num_tokens=a["num_register_tokens"],
+        dims, E, num_tokens=a["num_register_tokens"],
         num_overlapping=a["num_overlapping_tokens"], width=a["register_width"], depth=a["register_depth"],
         num_heads=a["register_heads"], complementary_pathway=a["complementary_pathway"],
         residual_source=a["complementary_residual_source"],
-        residual_dims={m: E for m in active} if a["complementary_residual_weight"] else None)
+        residual_dims={m: E for m in active} if a["complementary_residual_weight"] else None,
+        token_dims=dims if a["complementary_token_weight"] else None, token_target=a["complementary_token_target"],
+        token_counts={m: meta["arrays"][f"{m}_tokens"]["shape"][0] for m in active})  # the cache's own N_m
     module.load_state_dict(ckpt["model"])
     ds = FC.CachedFeatureDataset(cache, split, meta, active, seed=0, augment=False)
     batch = default_collate([ds[i] for i in range(len(ds))])
@@ -54,27 +57,41 @@ def independent_forward(ckpt, cache, split="val"):
         return module.eval()({m: t.float() for m, t in batch["tokens"].items()}, batch["padding_mask"])["registers"]
 
 
+SEPARATE_ARGS = {"objective": "separate", "complementary_pathway": "separate", "complementary_residual_source": "partner",
+                 "complementary_residual_weight": 1.0, "contrastive_prefixes": "all", "nested_dropout_rate": 0.0,
+                 "complementary_token_weight": 0.0, "complementary_token_target": "pooled",
+                 "complementary_token_loss": "cosine"}
+TOKENS_ARGS = dict(SEPARATE_ARGS, objective="tokens", complementary_residual_weight=0.0, complementary_token_weight=1.0)
+# flags -> (the resolved objective flags args.json must hold, the complementary term its log must show)
+OBJECTIVE_RUNS = {"separate": (["--objective", "separate"], SEPARATE_ARGS, "residual"),
+                  "tokens": (["--objective", "tokens"], TOKENS_ARGS, "token"),
+                  "tokens_per_position": (["--objective", "tokens", "--complementary_token_target", "tokens"],
+                                          dict(TOKENS_ARGS, complementary_token_target="tokens"), "token")}
+
+
 @pytest.mark.slow
-def test_objective_separate_trains_from_a_cache_resumes_bitwise_and_embeds(view_cache, short_tvl, tiny_stage1_files,
-                                                                           tmp_path):
-    flags = lambda out, *extra: cache_run_flags(tiny_stage1_files, short_tvl, view_cache, out, "--objective",
-                                                "separate", *extra)
+@pytest.mark.parametrize("objective", list(OBJECTIVE_RUNS))
+def test_objective_trains_from_a_cache_resumes_bitwise_and_embeds(objective, view_cache, short_tvl,
+                                                                  tiny_stage1_files, tmp_path):
+    argv, expected_args, term = OBJECTIVE_RUNS[objective]
+    flags = lambda out, *extra: cache_run_flags(tiny_stage1_files, short_tvl, view_cache, out, *argv, *extra)
     assert M.main(flags(tmp_path / "ref", "--epochs", "2", "--save_every", "1")) == 0
     resume = str(tmp_path / "ref" / "checkpoint-0.pth")
     assert M.main(flags(tmp_path / "run", "--epochs", "2", "--resume", resume)) == 0
-    assert_same_model(tmp_path / "run", tmp_path / "ref", "--objective separate resumed after epoch 0")
+    assert_same_model(tmp_path / "run", tmp_path / "ref", f"{argv} resumed after epoch 0")
     log = read_log(tmp_path / "ref")
     assert [line["epoch"] for line in log] == [0, 1]
-    for line in log:  # the preset's terms are on and logged
-        assert line["train_residual"] > 0 and line["train_comp_l2"] > 0
+    for line in log:  # the preset's terms are on and logged, per modality too; the other residual is off
+        assert line[f"train_{term}"] > 0 and line["train_comp_l2"] > 0
+        assert all(line[f"train_{term}_{m}"] > 0 for m in ("vision", "tactile", "text"))
         assert {f"train_contrastive_prefix{k}" for k in (1, 2, 3)} <= set(line)
+        assert f"train_{({'residual', 'token'} - {term}).pop()}" not in line
     stored = json.load(open(tmp_path / "run" / "args.json"))
-    assert {k: stored[k] for k in ("objective", "complementary_pathway", "complementary_residual_source",
-                                   "complementary_residual_weight", "contrastive_prefixes", "nested_dropout_rate")} == {
-        "objective": "separate", "complementary_pathway": "separate", "complementary_residual_source": "partner",
-        "complementary_residual_weight": 1.0, "contrastive_prefixes": "all", "nested_dropout_rate": 0.0}
+    assert {k: stored[k] for k in expected_args} == expected_args
     ckpt = load(tmp_path / "run" / "checkpoint.pth")
     assert ckpt["model"]["register_tokens"].shape[0] == 3 and ckpt["model"]["comp_tokens"].shape[0] == 1
+    decoders = {k.split(".")[0] for k in ckpt["model"]} & {"residual", "token_decoder"}
+    assert decoders == {"residual" if term == "residual" else "token_decoder"}
     # embed_stage2 reads the checkpoint back and gives the model's own forward on the cached val split
     model, args = embed_stage2.load_stage2(str(tmp_path / "run" / "checkpoint.pth"))
     result = embed_stage2.embed_split(model, args, "val")
@@ -82,6 +99,8 @@ def test_objective_separate_trains_from_a_cache_resumes_bitwise_and_embeds(view_
     for m, regs in expected.items():
         assert result["registers"][m].shape == regs.shape == (len(result["index"]), 4, 64)
         torch.testing.assert_close(result["registers"][m], regs, rtol=0, atol=1e-6)
+    if objective != "separate":
+        return  # what follows does not depend on the objective
     # a checkpoint of a run from before these flags existed (its args lack them) loads with the original objective
     old_args = {k: v for k, v in ckpt["args"].items() if k not in NEW_OBJECTIVE_FLAGS}
     old_args["complementary_residual_weight"] = 0.0
@@ -161,3 +180,25 @@ def test_view_term_refuses_a_cache_with_one_augmented_view(view_cache, short_tvl
     assert line == (f"error: --complementary_view_weight 0.5 needs two augmented views per sample: --feature_cache "
                     f"{cache} (train) has 1 (rebuild it with cache_features.py --cache_views 2 or more)")
     assert not (out / "checkpoint.pth").exists()
+
+
+def test_per_position_token_target_refuses_a_cache_with_other_token_counts(tiny_stage1_files, tiny_stage1, tmp_path,
+                                                                          capsys):
+    """The study's latent-token cache (its own number of context positions, not Stage 1's): the per-position decoder
+    was built for Stage 1's N_m, so training refuses it in one line, before writing anything; the pooled target,
+    which reads any number of positions, accepts it."""
+    from study.latent_tokens import SPEC, make_latent_cache, resolved_args
+    cache, out = str(tmp_path / "latent"), tmp_path / "run"
+    base = stage1_flags(tiny_stage1_files) + ["--feature_cache", cache, "--device", "cpu", "--output_dir", str(out),
+                                              "--batch_size", "6", *TINY_REGISTERS, "--num_workers", "0",
+                                              "--active_modality_names", "vision", "tactile"]  # as the study
+    make_latent_cache(cache, tiny_stage1, M.parse_args(base), n_train=12, n_val=6)
+    assert M.main(base + ["--objective", "tokens", "--complementary_token_target", "tokens"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"error: --feature_cache {cache} (val): vision tokens hold {SPEC['num_context']} positions, this "
+                    f"Stage 1 gives {tiny_stage1.token_counts['vision']}, and --complementary_token_target tokens "
+                    f"decodes one query per position; rebuild the cache with cache_features.py, or use "
+                    f"--complementary_token_target pooled")
+    assert not (out / "checkpoint.pth").exists() and not (out / "log.txt").exists()
+    pooled = resolved_args(M.parse_args(base + ["--objective", "tokens"]), tiny_stage1)
+    assert len(FC.build_cached_dataset(pooled, "val", tiny_stage1, seed=0)) == 6
