@@ -57,10 +57,10 @@ def independent_forward(ckpt, cache, split="val"):
         return module.eval()({m: t.float() for m, t in batch["tokens"].items()}, batch["padding_mask"])["registers"]
 
 
-SEPARATE_ARGS = {"objective": "separate", "complementary_pathway": "separate", "complementary_residual_source": "partner",
-                 "complementary_residual_weight": 1.0, "contrastive_prefixes": "all", "nested_dropout_rate": 0.0,
-                 "complementary_token_weight": 0.0, "complementary_token_target": "pooled",
-                 "complementary_token_loss": "cosine"}
+SEPARATE_ARGS = {"objective": "separate", "complementary_pathway": "separate",
+                 "complementary_residual_source": "partner", "complementary_residual_weight": 1.0,
+                 "contrastive_prefixes": "all", "nested_dropout_rate": 0.0, "complementary_token_weight": 0.0,
+                 "complementary_token_target": "pooled", "complementary_token_loss": "cosine"}
 TOKENS_ARGS = dict(SEPARATE_ARGS, objective="tokens", complementary_residual_weight=0.0, complementary_token_weight=1.0)
 # flags -> (the resolved objective flags args.json must hold, the complementary term its log must show)
 OBJECTIVE_RUNS = {"separate": (["--objective", "separate"], SEPARATE_ARGS, "residual"),
