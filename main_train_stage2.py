@@ -302,6 +302,11 @@ def make_train_loader(args, stage1, bad):
 
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
+    unknown = [m for m, n in stage1.token_counts.items() if n is None]
+    if args.complementary_token_weight and args.complementary_token_target == "tokens" and unknown:
+        raise Stage1Error(f"--complementary_token_target tokens: the {unknown} encoder's token count is unknown before "
+                          f"a forward (--tactile_model {stage1.tactile_model} has no patch embedding); use "
+                          f"--complementary_token_target pooled")
     targets = {m: stage1.embed_dim for m in args.active_modality_names}  # decoders predict Stage 1 globals
     registers = RegisterModule(
         feature_dims=stage1.feature_dims, embed_dim=embed_dim, num_tokens=args.num_register_tokens,

@@ -183,10 +183,12 @@ class FrozenStage1(nn.Module):
         self.feature_dims = {m: dims[m] for m in self.active_modalities}
         # N_m, the positions of forward()'s (B, N_m, C_m) tokens, known before any input is seen (a decoder with one
         # query per position is built from it): vision class + patches (CLIP's visual positional embedding), text
-        # the context length, tactile timm's patches + prefix (class / register) tokens.
+        # the context length, tactile timm's patches + prefix (class / register) tokens; None where a timm tactile
+        # model has no patch embedding to count (not a ViT).
+        patches = getattr(getattr(tactile_encoder, "patch_embed", None), "num_patches", None)
         counts = {"vision": clip.visual.positional_embedding.shape[0], "text": clip.context_length,
-                  "tactile": tactile_encoder.patch_embed.num_patches + getattr(tactile_encoder, "num_prefix_tokens", 0)}
-        self.token_counts = {m: int(counts[m]) for m in self.active_modalities}
+                  "tactile": None if patches is None else patches + getattr(tactile_encoder, "num_prefix_tokens", 0)}
+        self.token_counts = {m: counts[m] for m in self.active_modalities}
         self.embed_dim = clip.text_projection.shape[1] if modality_heads is None else \
             next(iter(modality_heads.values())).out_features
         for p in self.parameters():

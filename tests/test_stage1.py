@@ -86,6 +86,25 @@ def test_tactile_model_defaults_to_checkpoint_args_and_mismatch_names_keys(tiny,
     assert "args say tactile_model='vit_tiny_patch16_384': pass --tactile_model vit_tiny_patch16_384" in msg
 
 
+def test_per_position_token_target_refuses_a_tactile_model_without_a_token_count(tiny, tmp_path):
+    """A timm tactile model without a patch embedding (a ConvNeXt) has no token count before a forward: Stage 1 still
+    builds, and only the per-position token decoder, which needs it, is refused in one line."""
+    import main_train_stage2 as M
+    tactile = tvl_tactile("convnext_atto", num_classes=64)
+    stored = argparse.Namespace(tactile_model="convnext_atto")
+    path = str(save_tvl_checkpoint(tmp_path / "convnext.pth", tactile, stored))
+    s1 = build_stage1(path, "fluxtalk-tiny", tiny[1], active_modalities=("tactile", "text"))
+    assert s1.token_counts == {"tactile": None, "text": 77}
+    base = ["--stage1_checkpoint", path, "--device", "cpu", "--active_modality_names", "tactile", "text",
+            "--complementary_token_weight", "1"]
+    with pytest.raises(Stage1Error) as e:
+        M.build_model(M.parse_args(base + ["--complementary_token_target", "tokens"]), s1)
+    assert str(e.value) == ("--complementary_token_target tokens: the ['tactile'] encoder's token count is unknown "
+                            "before a forward (--tactile_model convnext_atto has no patch embedding); use "
+                            "--complementary_token_target pooled")
+    assert M.build_model(M.parse_args(base), s1).unwrapped_registers.token_decoder is not None  # pooled: fine
+
+
 def test_local_openclip_weights_file_tokens_equal_openclip_outputs(tmp_path):
     # A standard OpenCLIP config, randomly initialised and saved to disk, given as --clip_pretrained <path>.
     torch.manual_seed(0)
