@@ -302,15 +302,12 @@ class CachedFeatureDataset(Dataset):
         return out
 
 
-def check_token_counts(arrays, where, counts):
-    """DataError unless each modality's cached tokens (arrays: cached_arrays) have the N_m positions of `counts`, those
-    the per-position token decoders were built for (only those runs check: elsewhere nothing depends on N_m)."""
-    for m, n in counts.items():
-        cached = arrays[f"{m}_tokens"]["shape"][0]
-        if cached != n:
-            raise DataError(f"{where}: {m} tokens hold {cached} positions, this Stage 1 gives {n}, and "
-                            f"--complementary_token_target tokens decodes one query per position; rebuild the cache "
-                            f"with cache_features.py, or use --complementary_token_target pooled")
+def cache_token_counts(root, active, splits=("train", "val", "test")):
+    """{m: N_m} of the cached tokens: the first of `splits` the cache holds gives them (a cache's splits come from one
+    Stage 1, so they agree; build_cached_dataset refuses one that does not)."""
+    split = next((s for s in splits if os.path.isfile(os.path.join(root, s, "meta.json"))), splits[0])
+    arrays = cached_arrays(os.path.join(root, split), load_cache_meta(root, split))
+    return {m: arrays[f"{m}_tokens"]["shape"][0] for m in active}
 
 
 def build_cached_dataset(args, split, stage1, seed):
@@ -325,8 +322,10 @@ def build_cached_dataset(args, split, stage1, seed):
     check_cache_meta(meta, root, split, stage1.fingerprint, active, args, ids)
     check_shards(root, split, meta, reader_arrays(active))  # sizes and headers: a damaged shard is named now
     if getattr(args, "complementary_token_weight", 0) > 0 and args.complementary_token_target == "tokens":
-        check_token_counts(cached_arrays(os.path.join(root, split), meta), f"--feature_cache {root} ({split})",
-                           {m: stage1.token_counts[m] for m in active})
+        counts, first = cache_token_counts(root, active, (split,)), cache_token_counts(root, active)
+        if counts != first:  # the per-position decoder was built for the first split's positions
+            raise DataError(f"--feature_cache {root} ({split}): token positions {counts} differ from the cache's other "
+                            f"splits {first}; rebuild it with cache_features.py")
     augment = split == "train" and not args.no_augment
     two_views = split == "train" and getattr(args, "complementary_view_weight", 0) > 0
     ds = CachedFeatureDataset(root, split, meta, active, seed, augment, two_views)

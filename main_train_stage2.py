@@ -28,7 +28,7 @@ import util.dist as dist
 from data_stage2 import (BadSamples, DataError, GuardedLoader, add_data_args, build_dataset, check_data,
                          resolve_recipe)
 from engine_stage2 import NonFiniteLoss, evaluate, log_baseline, log_eval, train_one_epoch
-from feature_cache import build_cached_dataset
+from feature_cache import build_cached_dataset, cache_token_counts
 from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
@@ -302,8 +302,10 @@ def make_train_loader(args, stage1, bad):
 
 def build_model(args, stage1):
     embed_dim = args.embed_dim or stage1.embed_dim
-    unknown = [m for m, n in stage1.token_counts.items() if n is None]
-    if args.complementary_token_weight and args.complementary_token_target == "tokens" and unknown:
+    per_position = args.complementary_token_weight and args.complementary_token_target == "tokens"
+    counts = input_token_counts(args, stage1) if per_position else None
+    unknown = [m for m, n in (counts or {}).items() if n is None]
+    if unknown:
         raise Stage1Error(f"--complementary_token_target tokens: the {unknown} encoder's token count is unknown before "
                           f"a forward (--tactile_model {stage1.tactile_model} has no patch embedding); use "
                           f"--complementary_token_target pooled")
@@ -317,8 +319,16 @@ def build_model(args, stage1):
         residual_dims=targets if args.complementary_residual_weight else None,
         complementary_pathway=args.complementary_pathway, residual_source=args.complementary_residual_source,
         token_dims=stage1.feature_dims if args.complementary_token_weight else None,
-        token_target=args.complementary_token_target, token_counts=stage1.token_counts)
+        token_target=args.complementary_token_target, token_counts=counts)
     return FluxTalk(stage1, registers)
+
+
+def input_token_counts(args, stage1):
+    """{m: N_m} of the context tokens the run reads: the feature cache's (a cache of study/latent_tokens.py writes its
+    own number of positions), else Stage 1's. The per-position token decoder has one query per position."""
+    if args.feature_cache:
+        return cache_token_counts(args.feature_cache, args.active_modality_names)
+    return stage1.token_counts
 
 
 def build_criterion(args):
