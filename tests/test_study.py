@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from study.probes import probe_classes, probe_continuous, r2
+from study.probes import pca, probe_classes, probe_content, probe_continuous, r2, r2_weighted, ridge_predictions
 from study.report import PRESETS as STUDY_PRESETS
 
 
@@ -51,6 +51,38 @@ def test_class_probe_known_answers():
     assert probe_classes(x[:800], labels[:800], x[800:], labels[800:], 4) == 1.0
     noise = rng.standard_normal((1200, 16))  # features independent of the label: chance (1/4)
     assert probe_classes(noise[:800], labels[:800], noise[800:], labels[800:], 4) == pytest.approx(0.25, abs=0.06)
+
+
+def test_variance_weighted_r2_and_ridge_match_sklearn():
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    rng = np.random.default_rng(4)
+    y = rng.standard_normal((300, 5)) * np.array([3.0, 1.0, 0.5, 2.0, 0.1])
+    pred = y + rng.standard_normal(y.shape)
+    assert r2_weighted(y, pred) == pytest.approx(r2_score(y, pred, multioutput="variance_weighted"), abs=1e-12)
+    assert r2_weighted(y, pred) != pytest.approx(r2(y, pred), abs=1e-3)  # not the plain mean over columns
+    x = rng.standard_normal((300, 12))
+    x_test = rng.standard_normal((50, 12))
+    ours = ridge_predictions(x, y, x_test, [3.0])[0]
+    assert np.allclose(ours, Ridge(alpha=3.0).fit(x, y).predict(x_test), atol=1e-10)
+    feats = rng.standard_normal((400, 20)) @ rng.standard_normal((20, 20))
+    mean, comps = pca(feats, 6)
+    ref = PCA(6).fit(feats)
+    assert comps.shape == (20, 6) and np.allclose(mean, ref.mean_)
+    assert np.allclose(np.abs(comps.T), np.abs(ref.components_), atol=1e-8)  # the same directions, up to sign
+    assert pca(feats[:5], 16)[1].shape == (20, 4) and pca(feats[:, :3], 16)[1].shape == (3, 3)  # fewer: k <= N-1, D
+
+
+def test_content_probe_scores_the_fraction_of_variance_recovered():
+    """Two content components of variance 3 and 1; the features hold exactly the first: the variance-weighted R²
+    is 3/4 (the plain mean over components would say 1/2)."""
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((4000, 2))
+    y = z * np.sqrt([3.0, 1.0])
+    x = np.concatenate([z[:, :1], rng.standard_normal((4000, 5))], 1)
+    assert probe_content(x[:3000], y[:3000], x[3000:], y[3000:]) == pytest.approx(0.75, abs=0.02)
+    assert probe_content(z[:3000], y[:3000], z[3000:], y[3000:]) > 0.999
 
 
 def test_latent_cache_holds_what_it_says(tmp_path, tiny_stage1_files):
@@ -114,6 +146,47 @@ def test_latent_views_keep_the_latents_and_change_the_observation(tmp_path, tiny
     kept = ~dropped[0] & ~dropped[1]
     # two views differ by their noise only: the difference of two independent draws has variance 2 noise^2
     assert np.std((t[1] - t[2])[kept]) == pytest.approx(np.sqrt(2) * SPEC["noise"], rel=0.03)
+
+
+def test_latent_source_axis_changes_only_touchs_global(tmp_path, tiny_stage1_files):
+    """latent_shed: every token file is byte-identical to today's cache (so every other random draw is too), vision's
+    global as well; touch's global is today's minus exactly its specific latent's part (what is left is a function
+    of the shared latents alone). Fraction 1 everywhere is today's cache byte for byte."""
+    import main_train_stage2 as train
+    from stage1 import build_stage1
+    from study.latent_tokens import make_latent_cache
+    ckpt, clip = tiny_stage1_files
+    stage1 = build_stage1(ckpt, "fluxtalk-tiny", clip, active_modalities=["vision", "tactile"])
+    args = train.parse_args(["--feature_cache", "x", "--stage1_checkpoint", ckpt, "--clip_model", "fluxtalk-tiny",
+                             "--clip_pretrained", clip, "--active_modality_names", "vision", "tactile"])
+    roots = {name: str(tmp_path / name) for name in ("today", "ones", "shed")}
+    make_latent_cache(roots["today"], stage1, args, n_train=300, n_val=100, seed=0, views=2)
+    make_latent_cache(roots["ones"], stage1, args, n_train=300, n_val=100, seed=0, views=2,
+                      global_specific={"vision": 1.0, "tactile": 1.0})
+    make_latent_cache(roots["shed"], stage1, args, n_train=300, n_val=100, seed=0, views=2,
+                      global_specific={"tactile": 0.0})
+    raw = lambda name, split, f: open(os.path.join(roots[name], split, "shard_00000", f), "rb").read()  # noqa: E731
+    load = lambda name, split, f: np.load(os.path.join(roots[name], split, "shard_00000", f))  # noqa: E731
+    for split in ("train", "val"):
+        for f in os.listdir(os.path.join(roots["today"], split, "shard_00000")):
+            assert raw("ones", split, f) == raw("today", split, f), (split, f)
+            if f != "tactile_global.npy":
+                assert raw("shed", split, f) == raw("today", split, f), (split, f)
+    factors = {n: json.load(open(os.path.join(roots[n], "factors.json"))) for n in roots}
+    assert factors["shed"]["samples"] == factors["today"]["samples"]
+    assert factors["shed"]["global_specific"] == {"vision": 1.0, "tactile": 0.0}
+    samples = factors["today"]["samples"]
+    ids = [f"latent/train/{i:06d}" for i in range(300)]
+    spec = np.array([samples[i]["tactile_specific"] for i in ids])  # (n, 4)
+    shared = np.concatenate([np.array([samples[i]["shared"] for i in ids]),
+                             np.eye(6)[[samples[i]["shared_class"] for i in ids]]], 1)  # (n, 10)
+    today, shed = load("today", "train", "tactile_global.npy")[0], load("shed", "train", "tactile_global.npy")[0]
+    removed = today.astype(np.float64) - shed
+    assert np.abs(removed).max() > 0.5  # the specific part was there today
+    fit = lambda x, y: y - x @ np.linalg.lstsq(x, y, rcond=None)[0]  # noqa: E731  least-squares residual
+    assert np.abs(fit(spec, removed)).max() < 1e-5  # exactly a linear map of touch's specific latent
+    assert np.abs(fit(shared, shed.astype(np.float64))).max() < 1e-5  # what is left: shared latents only
+    assert np.abs(fit(shared, today.astype(np.float64))).max() > 0.5
 
 
 def test_unique_gain_reads_the_right_representations():
