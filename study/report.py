@@ -212,11 +212,21 @@ def decide(results):
     srcs = [results["sources"].get(s) for s in RULE_SOURCES]
     default = results["default_objective"]
     out = {"sources": list(RULE_SOURCES), "default_objective": default, "candidates": {}, "passers": [],
-           "selective": [], "min_unique": {}, "failures": {}, "chosen": None, "preset": None, "kept": True}
+           "selective": [], "min_unique": {}, "failures": {}, "not_candidates": {}, "chosen": None, "preset": None,
+           "kept": True}
     if not all(srcs):
         out["status"] = f"not decided: the rule needs both {' and '.join(RULE_SOURCES)} sources"
         return out
     names = [a for a in srcs[0]["arms"] if all(a in s["arms"] and s["arms"][a].get("control") for s in srcs)]
+    # arms missing from a source (not run there, or their training failed), and why
+    for source, s in zip(RULE_SOURCES, srcs):
+        for arm in list(srcs[0]["arms"]) + list(srcs[1]["arms"]) + list(s.get("failed", {})):
+            entry = srcs[0]["arms"].get(arm) or srcs[1]["arms"].get(arm)
+            is_control = entry is not None and not entry.get("control")
+            if arm not in names and arm not in out["not_candidates"] and not is_control and (
+                    arm in s.get("failed", {}) or arm not in s["arms"]):
+                out["not_candidates"][arm] = (f"its training failed on {source}: {s['failed'][arm]}"
+                                              if arm in s.get("failed", {}) else f"not run on {source}")
     for arm in names:
         conds = {name: arm_conditions(s, arm) for name, s in zip(RULE_SOURCES, srcs)}
         out["candidates"][arm] = conds
@@ -527,6 +537,9 @@ def decision_markdown(results):
     for arm, by_source in dec["failures"].items():
         for source, texts in by_source.items():
             lines.append(f"- `{arm}`, {source}: " + "; ".join(texts))
+    if dec["not_candidates"]:
+        lines += ["", "Not candidates (not measured under both settings): " + "; ".join(
+            f"`{a}`: {why}" for a, why in dec["not_candidates"].items()) + "."]
     return lines + [""]
 
 
@@ -642,6 +655,7 @@ def source_markdown(source, src, default_arm):
         [[a, m] + [fmt(ms(diff(src["arms"][a]["runs"], src["arms"][ref]["runs"], k)), dg) for k, _, dg in pcols]
          + [fmt(ms(diff(src["arms"][a]["runs"], src["arms"][ref]["runs"], f"{k}_{m}")), dg) for k, _, dg in pmcols]
          for a in arms if a != ref for m in mods])
+    lines += [""] + [f"`{a}` left out: its training failed ({err})." for a, err in src.get("failed", {}).items()]
     lines += ["", "Arms: " + "; ".join(f"`{a}` = {src['arms'][a]['description']}" for a in arms) + ". `init` = the "
               "untrained register module of each seed with the trainer's default flags (the unique_gain and "
               "content_gain control is each arm's own untrained module: `aligned+complementary(init)`).", "",
@@ -731,7 +745,7 @@ def probe_rows(src, arm):
         for rep in src["arms"][arm]["runs"][0]["probes"][m]:
             rows.append((f"{m} {rep}", {f: [r["probes"][m][rep][f] for r in src["arms"][arm]["runs"]]
                                        for f in src["kinds"]}))
-        for rep in ("aligned", "complementary"):
+        for rep in ("aligned", "complementary") if src["init"] else ():  # not measured by --quick
             rows.append((f"{m} {rep} (untrained default module)",
                          {f: [r["probes"][m][rep][f] for r in src["init"]] for f in src["kinds"]}))
         rows.append((f"{m} Stage 1 global", {f: [src["stage1"]["probes"][m][f]] for f in src["kinds"]}))
@@ -813,8 +827,8 @@ def validation_plot(plt, results, out):
     if not v["n"]:
         return
     fig, ax = plt.subplots(figsize=(5, 4))
-    for source, marker in zip(RULE_SOURCES, ("o", "s")):
-        for m, color in (("tactile", "C0"), ("vision", "C1")):
+    for source, marker, colors in zip(RULE_SOURCES, ("o", "s"), (("C0", "C1"), ("C2", "C3"))):
+        for m, color in zip(("tactile", "vision"), colors):
             cs = [c for c in v["cells"] if c["source"] == source and c["modality"] == m]
             if cs:
                 ax.errorbar([c["unique_gain"][0] for c in cs], [c["content_gain"][0] for c in cs],

@@ -3,7 +3,8 @@ and measure retrieval, prefix ordering and what each register token holds, per m
 users get.
 
     python study/run_study.py --quick --output /tmp/study     # <= 10 min on a shared 2-core CPU: what the summary
-                                                              # lines need, on both latent sources
+                                                              # lines need, on both latent sources (the same
+                                                              # runs as the full study; no untrained-module rows)
     python study/run_study.py                                 # the full study, into study/results/
     python study/run_study.py --sources cache:/data/tvl_cache --stage1_checkpoint tvl_enc_vitb.pth \\
         --clip_model ViT-L-14 --clip_pretrained datacomp_xl_s13b_b90k \\
@@ -678,9 +679,13 @@ def train_and_measure(source, name, flags, spec, stage1, work, seed, epochs, dev
     return run
 
 
-def run_source(source, spec, stage1, work, epochs, seeds, arms, roles, device):
+def run_source(source, spec, stage1, work, epochs, seeds, arms, roles, device, essential=(), init_rows=True):
     """Every arm of one source (seeds 0..seeds-1), the untrained controls and Stage 1's numbers. roles:
-    arm_roles()."""
+    arm_roles(); init_rows: also measure the untrained default module of each seed (a row of the tables, read by no
+    rule; each arm's own untrained complementary token, the unique_gain and content_gain control, is always
+    measured). An arm whose training fails (e.g. the trainer refuses its flags on this cache: the per-position
+    token decoder needs the cache's token count to be Stage 1's) is left out of this source with the trainer's
+    error line in src["failed"], printed; one of `essential` (the summary line's arms) failing ends the study."""
     args0 = run_args(base_flags(spec, os.path.join(work, "unused"), 0, epochs), stage1)
     ids = {s: quiet(lambda s=s: train.build_split(args0, s, stage1), os.devnull).sample_ids for s in ("train", "val")}
     spec["targets"] = ({s: factor_targets(ids[s], spec["samples"], spec["kinds"], spec["classes"]) for s in ids}
@@ -691,14 +696,23 @@ def run_source(source, spec, stage1, work, epochs, seeds, arms, roles, device):
            "num_train": len(ids["train"]), "num_val": len(ids["val"]), "num_tokens": args0.num_register_tokens,
            "num_overlapping": args0.num_overlapping_tokens, "epochs": epochs, "flags": spec["flags"],
            "global_specific": spec.get("global_specific"), "stage1": stage1_controls(spec, feats), "arms": {},
-           "init": [], "note": {"tvl": TVL_NOTE, "latent": LATENT_NOTE, "latent_shed": SHED_NOTE}.get(source)}
-    for seed in range(seeds if spec["kinds"] else 0):
+           "init": [], "failed": {},
+           "note": {"tvl": TVL_NOTE, "latent": LATENT_NOTE, "latent_shed": SHED_NOTE}.get(source)}
+    for seed in range(seeds if spec["kinds"] and init_rows else 0):
         args = run_args(base_flags(spec, os.path.join(work, "unused"), seed, epochs), stage1)
         src["init"].append(evaluate_module(initial_module(args), args, stage1, spec, device))
     for name, desc, flags in arms:
         control, twin = roles[name]
-        src["arms"][name] = {"description": desc, "flags": flags, "control": control, "twin": twin, "runs": [
-            train_and_measure(source, name, flags, spec, stage1, work, seed, epochs, device) for seed in range(seeds)]}
+        try:
+            runs = [train_and_measure(source, name, flags, spec, stage1, work, seed, epochs, device)
+                    for seed in range(seeds)]
+        except RuntimeError as e:
+            if name in essential:
+                raise
+            src["failed"][name] = str(e)
+            print(f"study: {source} {name} left out: {e}", flush=True)
+            continue
+        src["arms"][name] = {"description": desc, "flags": flags, "control": control, "twin": twin, "runs": runs}
     return src
 
 
@@ -737,7 +751,8 @@ def run_sources(results, sources, size, epochs, seeds, lengths, plan, arms, defa
         spec["flags"] = spec["flags"] + ["--device", a.device]
         run = [x for x in arms if x[0] in plan[source]]
         src = results["sources"][source] = run_source(source, spec, stage1, work, epochs[source], seeds, run,
-                                                      arm_roles(arms, spec), a.device)
+                                                      arm_roles(arms, spec), a.device, PRESETS[default],
+                                                      init_rows=not a.quick)
         if source == "latent" and lengths:
             run_lengths(source, src, spec, stage1, work, lengths, seeds, run, PRESETS[default][0], a.device)
 
@@ -817,6 +832,9 @@ def print_summary(results, default):
         for h in filter(None, headlines(src).values()):
             if h["flat"]:
                 print(f"study: {source}, {h['arm']}: ordering untestable: one token suffices")
+    for source, src in results["sources"].items():
+        for arm, error in src.get("failed", {}).items():
+            print(f"study: {source}, {arm}: left out, its training failed: {error}")
     print(decision_line(results["decision"]))
     for source, src in results["sources"].items():
         print(content_line(source, src, PRESETS[default][0]))

@@ -353,6 +353,14 @@ def test_decision_rule_on_hand_built_numbers():
     md = "\n".join(decision_markdown(fake_results({"separate_view": even})))
     assert "**Decision: `separate_view`**" in md and "It has no `--objective` preset of its own" in md
     assert "`--flag x`" in md
+    # an arm missing from a source (or failed there) is no candidate, and the report says why
+    res = fake_results({"objective_separate": good, "separate_view": even}, {"objective_separate": good})
+    res["sources"]["latent_shed"]["failed"] = {"tokens_decoder": "training x failed (exit 2): error: no"}
+    dec = decide(res)
+    assert dec["not_candidates"] == {"separate_view": "not run on latent_shed",
+                                     "tokens_decoder": "its training failed on latent_shed: training x failed (exit 2): "
+                                                       "error: no"}
+    assert "separate_view" not in dec["candidates"] and dec["chosen"] == "objective_separate"
     # without both latent sources the rule does not decide
     one = fake_results({"objective_separate": good})
     del one["sources"]["latent_shed"]
@@ -561,8 +569,8 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
                                 "vision", "tactile"] + stage1_flags(tiny_stage1_files)) == 0
     out = tmp_path / "results"
     lines = run_study_script("--sources", f"cache:{cache}", *stage1_flags(tiny_stage1_files), "--arms",
-                             "objective_separate", "separate_noorder", "--seeds", "1", "--epochs", "1", "--output", str(out),
-                             "--train_args", "--batch_size 16 --register_width 32")
+                             "objective_separate", "separate_noorder", "separate_view", "--seeds", "1", "--epochs", "1",
+                             "--output", str(out), "--train_args", "--batch_size 16 --register_width 32")
     m = re.fullmatch("study: " + SUMMARY, lines[-1])
     assert m and m.group(G["unique_gain"]) == "nan" and m.group(G["seeds"]) == "1", lines[-1]
     res = json.load(open(out / "results.json"))
@@ -587,12 +595,18 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
         assert v[f"stage1_content_{mod}"] == pytest.approx(d["stage1_content"], abs=6e-4)
         assert -1 < d["partner"] <= d["partner+own"] + 0.05 < 1.05  # R² values
     assert v["seeds"] == 1
+    # an arm the trainer refuses on this cache (the view term needs augmented views; this cache has none) is left
+    # out with the trainer's line, and the study goes on
+    error = src["failed"]["separate_view"]
+    assert "separate_view" not in src["arms"] and error.startswith("training ") and "error: " in error
+    assert f"study: cache:{cache}, separate_view: left out, its training failed: {error}" in lines
     md = (out / "RESULTS.md").read_text()
     header = md.split("### Arms: retrieval")[1].strip().splitlines()[0]
     assert "TVL metrics, arm `objective_separate`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
     per_mod = md.split("### Arms: what the complementary token holds, per modality")[1].strip().splitlines()[0]
     assert "content_gain" in per_mod and "unique_gain" not in per_mod
     assert f"| cache:{cache} | tactile | {src['stage1']['content']['tactile']['stage1_content']:.3f} |" in md
+    assert f"`separate_view` left out: its training failed ({error})." in md
 
 
 @pytest.mark.parametrize("arm", ["mission", "separate_partner"])
