@@ -85,13 +85,20 @@ def ordering(src, arm, control):
     if arm not in src["arms"] or control not in src["arms"]:
         return None
     a, c = src["arms"][arm]["runs"], src["arms"][control]["runs"]
-    h = {"arm": arm, "control": control, "seeds": len(a), "ordering_gain": ms(diff(a, c, "first")),
-         "pooled_cost": ms(diff(c, a, "pooled")), "flat": is_flat(c)}
+    h = {"control": control, "ordering_gain": ms(diff(a, c, "first")), "pooled_cost": ms(diff(c, a, "pooled")),
+         "flat": is_flat(c), **gains(src, arm)}
+    h["verdict"] = ("ordering untestable: one token suffices" if h["flat"] else
+                    "orders" if above(h["ordering_gain"]) else "does not order")
+    return h
+
+
+def gains(src, arm):
+    """The arm's seed count and mean ± std gains, over modalities and per modality."""
+    a = src["arms"][arm]["runs"]
+    h = {"arm": arm, "seeds": len(a)}
     for key in ("unique_gain", "specific_gain", "content_gain"):
         h[key] = ms(values(a, key))
         h.update({f"{key}_{m}": ms(values(a, f"{key}_{m}")) for m in src_mods(src)})
-    h["verdict"] = ("ordering untestable: one token suffices" if h["flat"] else
-                    "orders" if above(h["ordering_gain"]) else "does not order")
     return h
 
 
@@ -102,19 +109,20 @@ def headlines(src):
 
 def preset_headline(results, preset):
     """The numbers of one preset's summary line: ordering, pooled cost and gains on the headline source (mean over
-    modalities, and per modality), touch's unique_gain on latent_shed; None when its arms were not run there."""
-    h = headlines(results["sources"][results["headline_source"]])[preset]
-    if h is None:
+    modalities, and per modality), touch's unique_gain on latent_shed; ordering and cost nan where its control was
+    not run; None where its arm was not run there."""
+    src, (arm, control) = results["sources"][results["headline_source"]], PRESETS[preset]
+    if arm not in src["arms"]:
         return None
+    h = ordering(src, arm, control) or dict(gains(src, arm), control=control, ordering_gain=NAN, pooled_cost=NAN)
     shed = results["sources"].get("latent_shed", {"arms": {}, "mods": []})
-    arm = PRESETS[preset][0]
     return dict(h, unique_tactile_shed=ms(values(shed["arms"][arm]["runs"], "unique_gain_tactile"))
                 if arm in shed["arms"] else NAN)
 
 
 def summary_line(prefix, h):
     if h is None:
-        return f"{prefix}: unavailable (its arms were not run)"
+        return f"{prefix}: unavailable (its arm was not run)"
     u = {m: h.get(f"unique_gain_{m}", NAN) for m in ("vision", "tactile")}
     return (f"{prefix}: ordering_gain={h['ordering_gain'][0]:.2f} ordering_std={h['ordering_gain'][1]:.2f} "
             f"pooled_cost={h['pooled_cost'][0]:.2f} unique_gain={h['unique_gain'][0]:.3f} "

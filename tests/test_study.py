@@ -388,7 +388,11 @@ def test_summary_line_carries_the_per_modality_numbers():
     assert re.fullmatch("study: " + SUMMARY, line)
     del res["sources"]["latent_shed"]  # not run: nan, same fields
     assert "unique_tactile_shed=nan unique_tactile_shed_std=nan" in summary_line("s", preset_headline(res, "separate"))
-    assert summary_line("study(tokens)", preset_headline(res, "tokens")) == "study(tokens): unavailable (its arms were not run)"
+    assert summary_line("study(tokens)", preset_headline(res, "tokens")) == "study(tokens): unavailable (its arm was not run)"
+    del res["sources"]["latent"]["arms"]["separate_noorder"]  # control not run: its fields nan, the gains still there
+    line = summary_line("study", preset_headline(res, "separate"))
+    assert line.startswith("study: ordering_gain=nan ordering_std=nan pooled_cost=nan ") and re.fullmatch(
+        "study: " + SUMMARY, line) and f"unique_tactile={ut.mean():.3f} " in line
 
 
 def test_arm_flags_follow_the_trainer():
@@ -403,6 +407,23 @@ def test_arm_flags_follow_the_trainer():
     assert arm_flags(MISSION + ["--complementary_view_weight", "1"], objective) is None
     assert arm_flags(TOKENS_PRESET, objective) is None
     assert arm_flags(TOKENS_PRESET, {"--objective": objective["--objective"] + ["tokens"]}) == TOKENS_PRESET
+
+
+def test_quick_plan_puts_the_default_first():
+    """Whichever preset is the trainer's default, --quick runs its arm and control first, then the mission, then
+    the other presets' arms; each once."""
+    from study.run_study import quick_plan, source_arms
+    for default, (arm, control) in STUDY_PRESETS.items():
+        plan = quick_plan(default)
+        assert plan[:2] == [arm, control] and "mission" in plan[:3] and len(set(plan)) == len(plan)
+        assert {a for pair in STUDY_PRESETS.values() for a in pair} - {"nd0", control} | {control} == set(plan)
+        for source in ("latent", "latent_shed"):
+            assert source_arms(source, None, True, default) == plan
+    assert source_arms("tvl", None, True, "separate") == ["objective_separate", "separate_noorder", "mission"]
+    assert source_arms("latent_shed", None, False, "separate") == [
+        a for a in source_arms("latent", None, False, "separate")
+        if a not in ("residual", "difference", "partner", "view", "separate", "separate_partner", "prefix_all")]
+    assert source_arms("latent_shed", ["residual"], False, "separate") == ["residual"]  # --arms: every source
 
 
 def test_arm_roles_name_each_arms_control_and_twin(tiny_stage1_files):
