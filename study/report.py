@@ -33,7 +33,6 @@ PRESETS = {"mission": ("mission", "nd0"), "separate": ("objective_separate", "se
            "tokens": ("tokens", "separate_noorder")}
 ORDERING = [("mission", "nd0", "nested dropout 0.5"), ("prefix_all", "nd0", "all-prefix loss"),
             ("objective_separate", "separate_noorder", "all-prefix loss, separate pathway")]  # (arm, control, how)
-TWO = ("tactile", "vision")  # the synthetic sources' modalities, touch first
 NAN = (float("nan"), float("nan"))  # (mean, std) of something not run
 # Per-modality probe statistics of a run's summary (key f"{stat}_{modality}"; the bare key is their mean).
 PROBE_STATS = ("unique_gain", "specific_gain", "selectivity", "raw_gap", "comp_specific", "aligned_specific",
@@ -487,19 +486,21 @@ def yn(ok):
 
 
 def headline_markdown(results):
+    """Each preset against its no-ordering control, per source; the gains per modality (touch first)."""
     rows = []
     for source, src in results["sources"].items():
         for preset, h in headlines(src).items():
             if h:
-                rows.append([source, f"{preset} (`{h['arm']}` vs `{h['control']}`)", fmt(h["ordering_gain"]),
-                             fmt(h["pooled_cost"]), h["verdict"]]
-                            + [fmt(h.get(f"{k}_{m}", NAN), 3) for k in ("unique_gain", "specific_gain") for m in TWO]
-                            + [str(h["seeds"])])
+                runs = src["arms"][h["arm"]]["runs"]
+                for m in src_mods(src):
+                    rows.append([source, f"{preset} (`{h['arm']}` vs `{h['control']}`)", fmt(h["ordering_gain"]),
+                                 fmt(h["pooled_cost"]), h["verdict"], m]
+                                + [fmt(ms(values(runs, f"{k}_{m}")), 3) for k in HEADLINE_GAINS] + [str(h["seeds"])])
     return table(["source", "objective (arm vs its no-ordering control)", "ordering_gain (first-token R@1, points)",
-                  "pooled_cost (points)", "ordering"] + [f"{k}, {m}" for k in ("unique_gain", "specific_gain")
-                                                         for m in TWO] + ["seeds"], rows)
+                  "pooled_cost (points)", "ordering", "modality"] + list(HEADLINE_GAINS) + ["seeds"], rows)
 
 
+HEADLINE_GAINS = ("unique_gain", "specific_gain", "selectivity", "content_gain")
 
 
 def decision_markdown(results):
