@@ -96,7 +96,7 @@ from feature_cache import load_cache_meta  # noqa: E402
 from loss_stage2 import prefix_curve, recall_at_k  # noqa: E402
 from stage1 import build_stage1  # noqa: E402
 from study.latent_tokens import VIEW_TOKEN_DROP, make_latent_cache, resolved_args  # noqa: E402
-from study.probes import pca, probe, probe_content  # noqa: E402
+from study.probes import pca, probe_content, probe_many  # noqa: E402
 from study.report import (PRESETS, agreement_line, best_arm, content_line, content_validation, decide,  # noqa: E402
                           decision_line, headlines, modality_order, plot, preset_headline, source_file, summary_line,
                           write_report)
@@ -515,16 +515,19 @@ def factor_targets(ids, samples, kinds, classes):
 
 
 def probe_table(reps_train, reps_val, y_train, y_val, classes):
-    """{representation: {factor: score}} for every representation and factor."""
-    table = {}
-    for name in reps_train:
-        row = {}
-        for f, (yt, vt) in y_train.items():
-            yv, vv = y_val[f]
-            row[f] = probe("class" if f in classes else "continuous", reps_train[name][vt], yt[vt],
-                           reps_val[name][vv], yv[vv], classes.get(f))
-        table[name] = row
-    return table
+    """{representation: {factor: score}} for every representation and factor; the factors with the same valid
+    samples share each representation's standardisation and cross-validation folds (probe_many)."""
+    groups = {}  # the factors with the same valid train / val samples
+    for f, (_, valid) in y_train.items():
+        groups.setdefault((valid.tobytes(), y_val[f][1].tobytes()), []).append(f)
+    scores = {name: {} for name in reps_train}
+    for factors in groups.values():
+        vt, vv = y_train[factors[0]][1], y_val[factors[0]][1]
+        targets = [("class" if f in classes else "continuous", y_train[f][0][vt], y_val[f][0][vv], classes.get(f))
+                   for f in factors]
+        for name in reps_train:
+            scores[name].update(zip(factors, probe_many(reps_train[name][vt], reps_val[name][vv], targets)))
+    return {name: {f: row[f] for f in y_train} for name, row in scores.items()}
 
 
 def retrieval(regs, k_o):
