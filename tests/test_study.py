@@ -86,6 +86,20 @@ def test_content_probe_scores_the_fraction_of_variance_recovered():
     assert probe_content(z[:3000], y[:3000], z[3000:], y[3000:]) > 0.999
 
 
+def test_probes_sharing_features_score_each_target_as_alone():
+    """probe_many decomposes the features once for several targets: each score equals that target's probe alone."""
+    from study.probes import probe_many
+    rng = np.random.default_rng(7)
+    x, x_test = rng.standard_normal((500, 10)), rng.standard_normal((200, 10))
+    y, y_test = x[:, :2] + rng.standard_normal((500, 2)), x_test[:, :2] + rng.standard_normal((200, 2))
+    labels, labels_test = (x[:, 3] > 0).astype(int), (x_test[:, 3] > 0).astype(int)
+    shared = probe_many(x, x_test, [("continuous", y, y_test, None), ("class", labels, labels_test, 2),
+                                    ("content", y, y_test, None)])
+    assert shared == [probe_continuous(x, y, x_test, y_test), probe_classes(x, labels, x_test, labels_test, 2),
+                      probe_content(x, y, x_test, y_test)]
+    assert shared[0] != shared[2]  # mean over columns vs variance-weighted
+
+
 def test_latent_cache_holds_what_it_says(tmp_path, tiny_stage1_files):
     """Token features carry shared + specific + nuisance latents, the Stage 1 global embedding no nuisance."""
     import main_train_stage2 as train
