@@ -8,6 +8,11 @@ reconstruction targets read) is a fixed random linear map of the shared + specif
 nuisance. So a representation can hold a factor because it was kept on purpose (shared, specific: both in the
 global embedding) or because nothing removed it (nuisance: in the tokens only), and the probes tell them apart.
 
+How much of its specific latent a modality's global embedding holds is a setting (`global_specific`, per modality,
+1 = all of it, 0 = none): the specific global map is scaled after it is drawn, so the tokens and every other map
+(and so every other random draw) are the same at every setting. A contrastively trained Stage 1 (TVL's tactile
+encoder, trained against CLIP) sheds what the partner cannot predict: global_specific {"tactile": 0} is that case.
+
 Augmented views (train split, `views` > 0, what the intra-modality view objective contrasts and what training
 then reads instead of the plain view, as for a cache_features.py cache): a view keeps every latent of the sample,
 the nuisance too (it is a property of the sample, not of one observation), and changes only the observation:
@@ -55,10 +60,11 @@ def sample_latents(n, modalities, rng):
     return z
 
 
-def make_maps(modalities, feature_dims, embed_dim, rng):
+def make_maps(modalities, feature_dims, embed_dim, rng, global_specific=None):
     """Fixed random maps per modality: for each latent group, (N, d, C) token writer zero outside its span, and
     (d, E) global writer for the shared (the same in every modality) and specific groups. Entries scaled so every
-    group adds unit variance per coordinate of the tokens it is written into."""
+    group adds unit variance per coordinate of the tokens it is written into. global_specific {m: fraction}
+    (default 1) scales m's specific global writer after every map is drawn: no other draw depends on it."""
     n_ctx = SPEC["num_context"]
     dims = {"shared": SPEC["shared_dim"], "class": SPEC["num_classes"], "specific": SPEC["specific_dim"],
             "nuisance": SPEC["nuisance_dim"]}
@@ -75,6 +81,8 @@ def make_maps(modalities, feature_dims, embed_dim, rng):
             tok[g] = w
         specific = rng.standard_normal((dims["specific"], embed_dim)) / np.sqrt(dims["specific"])
         maps[m] = {"tokens": tok, "global": dict(shared_glob, specific=specific)}
+    for m, fraction in (global_specific or {}).items():
+        maps[m]["global"]["specific"] = maps[m]["global"]["specific"] * fraction
     return maps
 
 
@@ -125,14 +133,18 @@ def resolved_args(args, stage1):
     return args
 
 
-def make_latent_cache(root, stage1, args, n_train, n_val, seed=0, views=0):
+def make_latent_cache(root, stage1, args, n_train, n_val, seed=0, views=0, global_specific=None):
     """Writes the cache under root for `stage1` (its feature dims, embed dim and fingerprint) and the data flags of
     the training `args` (parsed; Stage 1's recipe is resolved into a copy here), with `views` augmented views of
-    the train split; returns root. Deterministic in seed; view 0 does not depend on `views`."""
+    the train split; returns root. Deterministic in seed; view 0 does not depend on `views`, and only the globals
+    depend on `global_specific` ({modality: fraction of its specific latent in its global embedding}, default 1)."""
+    unknown = set(global_specific or {}) - set(args.active_modality_names)
+    if unknown:
+        raise ValueError(f"global_specific names modalities not in the cache: {sorted(unknown)}")
     args = resolved_args(args, stage1)
     modalities = list(args.active_modality_names)
     rng = np.random.default_rng(seed)
-    maps = make_maps(modalities, stage1.feature_dims, stage1.embed_dim, rng)
+    maps = make_maps(modalities, stage1.feature_dims, stage1.embed_dim, rng, global_specific)
     samples = {}
     for split, n in (("train", n_train), ("val", n_val)):
         z = sample_latents(n, modalities, rng)
@@ -143,5 +155,6 @@ def make_latent_cache(root, stage1, args, n_train, n_val, seed=0, views=0):
             samples[sid] = {k: (int(v[i]) if v.ndim == 1 else v[i].tolist()) for k, v in z.items()}
     with open(os.path.join(root, "factors.json"), "w") as f:
         json.dump({"factors": factor_kinds(modalities), "classes": {"shared_class": SPEC["num_classes"]},
+                   "global_specific": {m: float((global_specific or {}).get(m, 1.0)) for m in modalities},
                    "samples": samples}, f)
     return root
