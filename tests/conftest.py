@@ -21,6 +21,14 @@ MAIN = os.path.join(ROOT, "main_train_stage2.py")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One intra-op thread in this process and in every process a test launches (they inherit the variable): the suite
+# runs on two pytest-xdist workers on 2 cores, and a run's processes share the cores anyway. A second thread per
+# process only oversubscribes them, and OpenMP's spinning threads then burn CPU time waiting for each other (measured:
+# tests/test_resume.py took 164 s of CPU with two threads on a loaded machine, 83 s with one). Every comparison in
+# the tests is between runs launched the same way, so with the same thread count.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # A register module small enough to train in seconds on CPU.
 TINY_REGISTERS = ["--register_width", "32", "--register_depth", "1", "--register_heads", "2"]
 
