@@ -32,6 +32,27 @@ torch.set_num_threads(1)
 # A register module small enough to train in seconds on CPU.
 TINY_REGISTERS = ["--register_width", "32", "--register_depth", "1", "--register_heads", "2"]
 
+# The files that take longest, first (pytest.ini hands whole files to the xdist workers in collection order): a long
+# file started last would run alone while the other workers sit idle. The SLURM tests lead, as they mostly wait on
+# the scheduler; the order of the others follows their measured time (--durations), new files come after them.
+LONGEST_FIRST = ["test_slurm.py", "test_integrity.py", "test_scaleout.py", "test_compile.py", "test_bad_data.py",
+                 "test_resume.py", "test_study.py", "test_demo.py", "test_train.py", "test_eval.py"]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """The workers `-n auto` (pytest.ini) starts: three for the whole suite; none (all in this process) for the fast
+    loop (-m "not slow") or named files and tests, which end before three workers would have started (each imports
+    torch and the models). PYTEST_XDIST_AUTO_NUM_WORKERS, if set, decides instead."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS and "not slow" not in config.option.markexpr
+    return 3 if whole_suite else 0
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
