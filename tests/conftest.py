@@ -34,9 +34,10 @@ TINY_REGISTERS = ["--register_width", "32", "--register_depth", "1", "--register
 
 # The files that take longest, first (pytest.ini hands whole files to the xdist workers in collection order): a long
 # file started last would run alone while the other workers sit idle. The SLURM tests lead, as they mostly wait on
-# the scheduler; the order of the others follows their measured time (--durations), new files come after them.
-LONGEST_FIRST = ["test_slurm.py", "test_integrity.py", "test_scaleout.py", "test_compile.py", "test_bad_data.py",
-                 "test_resume.py", "test_study.py", "test_demo.py", "test_train.py", "test_eval.py"]
+# the scheduler, then the three single long processes (the compile, the demo, the study's smoke run), then the
+# others by their measured time (--durations); new files come after them.
+LONGEST_FIRST = ["test_slurm.py", "test_compile.py", "test_demo.py", "test_study.py", "test_integrity.py",
+                 "test_scaleout.py", "test_bad_data.py", "test_resume.py", "test_train.py", "test_eval.py"]
 
 
 def pytest_xdist_auto_num_workers(config):
