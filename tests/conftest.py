@@ -21,8 +21,38 @@ MAIN = os.path.join(ROOT, "main_train_stage2.py")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One intra-op thread in this process and in every process a test launches (they inherit the variable): the suite
+# runs on two pytest-xdist workers on 2 cores, and a run's processes share the cores anyway. A second thread per
+# process only oversubscribes them, and OpenMP's spinning threads then burn CPU time waiting for each other (measured:
+# tests/test_resume.py took 164 s of CPU with two threads on a loaded machine, 83 s with one). Every comparison in
+# the tests is between runs launched the same way, so with the same thread count.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # A register module small enough to train in seconds on CPU.
 TINY_REGISTERS = ["--register_width", "32", "--register_depth", "1", "--register_heads", "2"]
+
+# The files that take longest, first (pytest.ini hands whole files to the xdist workers in collection order): a long
+# file started last would run alone while the other workers sit idle. The SLURM tests lead, as they mostly wait on
+# the scheduler, then the three single long processes (the compile, the demo, the study's smoke run), then the
+# others by their measured time (--durations); new files come after them.
+LONGEST_FIRST = ["test_slurm.py", "test_compile.py", "test_demo.py", "test_study.py", "test_integrity.py",
+                 "test_scaleout.py", "test_bad_data.py", "test_resume.py", "test_train.py", "test_eval.py"]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """The workers `-n auto` (pytest.ini) starts: three for the whole suite; none (all in this process) for the fast
+    loop (-m "not slow") or named files and tests, which end before three workers would have started (each imports
+    torch and the models). PYTEST_XDIST_AUTO_NUM_WORKERS, if set, decides instead."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS and "not slow" not in config.option.markexpr
+    return 3 if whole_suite else 0
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 # ----------------------------------------------------------------------------------------------- fixtures

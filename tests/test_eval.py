@@ -1,6 +1,8 @@
 """Evaluation the way TVL reports it: --eval_only on the test split with Stage 1 beside Stage 2, the same numbers
 under torchrun, and the embedding API's .npz against the model's own forward pass."""
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from conftest import MAIN, ROOT, TINY_REGISTERS, launch_command, stage1_flags
+from conftest import MAIN, ROOT, TINY_REGISTERS, launch_command, main_in_process, stage1_flags
 
 pytestmark = pytest.mark.slow
 
@@ -23,22 +25,32 @@ def run(argv, nproc=1, script=MAIN):
     return proc
 
 
+def run_in_process(argv):
+    """The trainer's main(argv) in this process (what one python process runs, without its start-up); its stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main_in_process(argv)
+    assert code == 0, out.getvalue()[-3000:]
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_stage1_files, synthetic_tvl, tmp_path_factory):
     """One epoch on the synthetic data; returns (its output_dir, the flags of that run's data, Stage 1 and model)."""
     out = tmp_path_factory.mktemp("trained")
     flags = stage1_flags(tiny_stage1_files) + ["--datasets_dir", synthetic_tvl, "--device", "cpu", "--batch_size",
                                                "8", *TINY_REGISTERS, "--num_workers", "0"]
-    run(flags + ["--output_dir", str(out), "--epochs", "1", "--warmup_epochs", "1", "--lr", "1e-3"])
+    run_in_process(flags + ["--output_dir", str(out), "--epochs", "1", "--warmup_epochs", "1", "--lr", "1e-3"])
     return str(out), flags
 
 
 def eval_test(trained, out, nproc=1):
     trained, flags = trained
-    proc = run(flags + ["--eval_only", "--resume", os.path.join(trained, "checkpoint.pth"), "--eval_split", "test",
-                        "--output_dir", str(out)], nproc)
+    argv = flags + ["--eval_only", "--resume", os.path.join(trained, "checkpoint.pth"), "--eval_split", "test",
+                    "--output_dir", str(out)]
+    stdout = run_in_process(argv) if nproc == 1 else run(argv, nproc).stdout
     with open(os.path.join(out, "eval_test.json")) as f:
-        return json.load(f), proc.stdout
+        return json.load(f), stdout
 
 
 def stage1_reference(trained, tiny_stage1):
@@ -81,12 +93,11 @@ def test_torchrun_two_processes_give_the_one_process_numbers(trained, tmp_path):
 
 
 def test_embedding_npz_equals_the_models_forward_on_the_same_samples(trained, tmp_path):
-    from embed_stage2 import embed, load_stage2
+    from embed_stage2 import embed, load_stage2, main
     from data_stage2 import build_dataset
     out = tmp_path / "test.npz"
     ckpt = os.path.join(trained[0], "checkpoint.pth")
-    run(["--checkpoint", ckpt, "--split", "test", "--k", "2", "--output", str(out), "--device", "cpu"],
-        script=os.path.join(ROOT, "embed_stage2.py"))
+    assert main(["--checkpoint", ckpt, "--split", "test", "--k", "2", "--output", str(out), "--device", "cpu"]) == 0
     npz = np.load(out)
     model, args = load_stage2(ckpt)
     ds = build_dataset(args, "test", model.stage1.tokenizer, args.active_modality_names, args.seed)

@@ -95,14 +95,21 @@ def test_two_launches_into_one_folder_one_runs_the_other_exits_2_naming_it(order
     runs = {2: Run(argv, tmp_path / "logs2", nproc=2)}
     if order == "torchrun_first":  # paused (SIGSTOP) once it lists its data, so that it still runs when the other starts
         runs[2].wait_for("data:")
-        torchrun_pids = descendants(runs[2].proc.pid)
-        for p in torchrun_pids:
-            os.kill(p, signal.SIGSTOP)
+        holder, torchrun_pids = 2, pause(runs[2])
     runs[1] = Run(argv, tmp_path / "logs1", nproc=1)
-    if order == "torchrun_first":
-        runs[1].wait(timeout=120)
-        for p in torchrun_pids:
-            os.kill(p, signal.SIGCONT)
+    if order == "together":
+        # Whichever took the lock (it lists its data only then), paused the same way: on a busy machine one launch
+        # could otherwise finish its whole run before the other has even started, and neither would meet a held folder.
+        holder = lock_holder(runs)
+        paused = pause(runs[holder]) if holder else []
+    else:
+        paused = torchrun_pids
+    if paused:
+        try:
+            runs[3 - holder].wait(timeout=120)
+        finally:
+            for p in paused:
+                os.kill(p, signal.SIGCONT)
     t0 = time.time()
     ended = {}
     while len(ended) < 2 and time.time() - t0 < 400:
@@ -140,6 +147,28 @@ def test_two_launches_into_one_folder_one_runs_the_other_exits_2_naming_it(order
     assert [ln["epoch"] for ln in read_log(out)] == [0]
     assert {k: v for k, v in read_log(out)[0].items() if k.startswith("val_")} == \
         {k: v for k, v in read_log(alone)[0].items() if k.startswith("val_")}
+
+
+def pause(run):
+    """SIGSTOP to the run's launcher and every process below it; returns their pids (for the SIGCONT)."""
+    pids = descendants(run.proc.pid)
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    return pids
+
+
+def lock_holder(runs, timeout=300):
+    """The key of the run in `runs` that listed its data (so holds the folder's lock), once one has; None if all
+    ended first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for n, r in runs.items():
+            if re.search(r"^data:", r.stdout(), flags=re.M):
+                return n
+        if all(r.proc.poll() is not None for r in runs.values()):
+            return None
+        time.sleep(0.01)
+    raise AssertionError(f"no run listed its data in {timeout}s\n" + "\n".join(r.tail() for r in runs.values()))
 
 
 def test_kill_9_leaves_no_stale_lock(tiny_stage1_files, small_tvl, tmp_path):

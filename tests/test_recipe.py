@@ -1,11 +1,12 @@
 """Stage 1's data recipe from its checkpoint (prompt, synonyms, background subtraction, ...), TVL's background
 subtraction against an independent transcription of the reference steps, and synonyms for SSVTP only."""
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,10 +20,10 @@ import cache_features
 import data_stage2 as D
 import feature_cache as FC
 import main_train_stage2 as M
+from conftest import main_in_process
 from tools.make_synthetic_tvl import SYNONYMS, make_synthetic_tvl
 from tools.make_tiny_stage1 import make_tiny_stage1, tvl_train_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "This image gives tactile feelings of "
 # TVL's normalisation of background-subtracted tactile frames, written out here (not imported from the code).
 BG_MEAN = (-0.00809318389762342, -0.01887447008747725, -0.018430588238856332)
@@ -269,27 +270,24 @@ def test_synonyms_off_by_default_and_for_hct(synth, tok, tmp_path):
 
 # ----------------------------------------------------------------------------- real runs: what Stage 2 is fed
 
-SPY = """
-import sys, runpy, torch
-import stage1
-seen, encode = [], stage1.FrozenStage1.encode_text
-def spy(self, text):
-    seen.append(text.clone())
-    return encode(self, text)
-stage1.FrozenStage1.encode_text = spy
-module, out = sys.argv[1], sys.argv[2]
-sys.argv = [module + ".py"] + sys.argv[3:]
-try:
-    runpy.run_module(module, run_name="__main__")
-finally:
-    torch.save(torch.cat(seen) if seen else torch.zeros(0, 77, dtype=torch.long), out)
-"""
-
-
 def run_spied(module, tokens_out, argv):
-    """Run `module`'s command line in a real process, saving every token batch the text encoder received."""
-    return subprocess.run([sys.executable, "-c", SPY, module, str(tokens_out), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    """`module`'s main(argv) in this process (its command line without the python start-up), saving every token
+    batch the text encoder received; returns its exit code and what it printed."""
+    import stage1
+    seen, encode = [], stage1.FrozenStage1.encode_text
+
+    def spy(self, text):
+        seen.append(text.clone())
+        return encode(self, text)
+    out, err = io.StringIO(), io.StringIO()
+    stage1.FrozenStage1.encode_text = spy
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main_in_process(argv) if module == "main_train_stage2" else importlib.import_module(module).main(argv)
+    finally:
+        stage1.FrozenStage1.encode_text = encode
+        torch.save(torch.cat(seen) if seen else torch.zeros(0, 77, dtype=torch.long), tokens_out)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def prompt_rows(tokens, tok):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import main_train_stage2 as main_mod
-from conftest import MAIN, ROOT, TINY_REGISTERS, launch_command, load, read_log, read_tensorboard, stage1_flags
+from conftest import (MAIN, ROOT, TINY_REGISTERS, launch_command, load, main_in_process, read_log, read_tensorboard,
+                      stage1_flags)
 from util.misc import MODALITIES, modality_pairs, pair_name
 
 PAIRS = [pair_name(a, b) for a, b in modality_pairs(MODALITIES)]
@@ -140,12 +141,13 @@ def test_resume_auto_after_a_finished_epoch_matches_the_uninterrupted_run(ddp_ru
 
 @pytest.mark.slow
 def test_eval_only_prints_and_logs_metrics_and_writes_no_checkpoint(ddp_run, tiny_stage1_files, synthetic_tvl,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
     full, _ = ddp_run
     ckpt_path = os.path.join(full, "checkpoint-best.pth")
-    proc = run_training(small_run_flags(tiny_stage1_files, synthetic_tvl, tmp_path) +
-                        ["--eval_only", "--resume", ckpt_path])
-    assert "mean_r1=" in proc.stdout
+    # in this process: one process evaluating, as a python launch would (the torchrun evaluation: test_eval.py)
+    assert main_in_process(small_run_flags(tiny_stage1_files, synthetic_tvl, tmp_path) +
+                           ["--eval_only", "--resume", ckpt_path]) == 0
+    assert "mean_r1=" in capsys.readouterr().out
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".pth")]
     (line,) = read_log(tmp_path)
     assert line["eval_only"] is True and line["checkpoint"] == ckpt_path
