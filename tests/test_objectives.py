@@ -61,12 +61,15 @@ SEPARATE_ARGS = {"objective": "separate", "complementary_pathway": "separate",
                  "complementary_residual_source": "partner", "complementary_residual_weight": 1.0,
                  "contrastive_prefixes": "all", "nested_dropout_rate": 0.0, "complementary_token_weight": 0.0,
                  "complementary_token_target": "pooled", "complementary_token_loss": "cosine"}
-TOKENS_ARGS = dict(SEPARATE_ARGS, objective="tokens", complementary_residual_weight=0.0, complementary_token_weight=1.0)
+TOKENS_ARGS = dict(SEPARATE_ARGS, objective="tokens", complementary_residual_weight=0.0, complementary_token_weight=1.0,
+                   complementary_token_loss="infonce")
 # flags -> (the resolved objective flags args.json must hold, the complementary term its log must show)
 OBJECTIVE_RUNS = {"separate": (["--objective", "separate"], SEPARATE_ARGS, "residual"),
                   "tokens": (["--objective", "tokens"], TOKENS_ARGS, "token"),
-                  "tokens_per_position": (["--objective", "tokens", "--complementary_token_target", "tokens"],
-                                          dict(TOKENS_ARGS, complementary_token_target="tokens"), "token")}
+                  "tokens_per_position": (["--objective", "tokens", "--complementary_token_target", "tokens",
+                                           "--complementary_token_loss", "cosine"],
+                                          dict(TOKENS_ARGS, complementary_token_target="tokens",
+                                               complementary_token_loss="cosine"), "token")}
 
 
 @pytest.mark.slow
@@ -193,7 +196,8 @@ def test_per_position_token_target_reads_the_positions_of_the_cache(tiny_stage1_
                                               "--active_modality_names", "vision", "tactile"]  # as the study
     make_latent_cache(cache, tiny_stage1, M.parse_args(base), n_train=12, n_val=6)
     assert SPEC["num_context"] not in tiny_stage1.token_counts.values()
-    assert M.main(base + ["--objective", "tokens", "--complementary_token_target", "tokens", "--epochs", "1"]) == 0
+    assert M.main(base + ["--objective", "tokens", "--complementary_token_target", "tokens",
+                          "--complementary_token_loss", "cosine", "--epochs", "1"]) == 0
     model = load(os.path.join(out, "checkpoint.pth"))["model"]
     for m in ("vision", "tactile"):
         assert model[f"token_decoder.{m}.queries"].shape[0] == SPEC["num_context"]

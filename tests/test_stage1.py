@@ -98,7 +98,8 @@ def test_per_position_token_target_refuses_a_tactile_model_without_a_token_count
     base = ["--stage1_checkpoint", path, "--device", "cpu", "--active_modality_names", "tactile", "text",
             "--complementary_token_weight", "1"]
     with pytest.raises(Stage1Error) as e:
-        M.build_model(M.parse_args(base + ["--complementary_token_target", "tokens"]), s1)
+        M.build_model(M.parse_args(base + ["--complementary_token_target", "tokens", "--complementary_token_loss",
+                                           "cosine"]), s1)
     assert str(e.value) == ("--complementary_token_target tokens: the ['tactile'] encoder's token count is unknown "
                             "before a forward (--tactile_model convnext_atto has no patch embedding); use "
                             "--complementary_token_target pooled")

@@ -433,7 +433,7 @@ def test_quick_plan_puts_the_default_first():
         assert {a for pair in STUDY_PRESETS.values() for a in pair} - {"nd0", control} | {control} == set(plan)
         for source in ("latent", "latent_shed"):
             assert source_arms(source, None, True, default) == plan
-    assert source_arms("tvl", None, True, "separate") == ["objective_separate", "separate_noorder", "mission"]
+    assert source_arms("tvl", None, True, "separate") == ["objective_separate", "separate_noorder", "mission", "tokens"]
     assert source_arms("latent_shed", None, False, "separate") == [
         a for a in source_arms("latent", None, False, "separate")
         if a not in ("residual", "difference", "partner", "view", "separate", "separate_partner", "prefix_all")]
@@ -467,7 +467,8 @@ def test_bad_sources_are_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--sources", f"cache:{tmp_path / 'missing'}", "--output", str(tmp_path / "out")])
     assert e.value.code == 2 and "cache:DIR" in capsys.readouterr().err.strip().splitlines()[-1]
-    out = ["--output", str(tmp_path / "out"), "--arms", "objective_separate", "separate_noorder"]
+    from study.run_study import default_objective
+    out = ["--output", str(tmp_path / "out"), "--arms", *STUDY_PRESETS[default_objective()]]
     assert main(["--sources", f"cache:{tmp_path}"] + out) == 2
     assert capsys.readouterr().err.strip() == ("error: --sources cache:DIR needs --stage1_checkpoint (and "
                                                "--clip_model/--clip_pretrained) of the Stage 1 that made the cache")

@@ -250,7 +250,6 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     i = base.index("--nested_dropout_rate")
     del base[i:i + 2]
     separate = vars(main_mod.parse_args(base + ["--objective", "separate"]))
-    assert vars(main_mod.parse_args(base)) == separate  # the study's decision: separate is the default objective
     changed = {k: v for k, v in separate.items() if v != plain[k]}
     assert changed == {"objective": "separate", "complementary_pathway": "separate",
                        "complementary_residual_weight": 1.0, "complementary_residual_source": "partner",
@@ -267,12 +266,13 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     loss = main_mod.build_criterion(main_mod.parse_args(base + ["--objective", "separate"]))
     assert list(loss.prefixes) == [1, 2, 3] and loss.residual_weight == 1.0 and loss.token_weight == 0.0
     assert module.token_decoder is None  # separate: the token term off, so its loss is the one it always was
-    # tokens: separate with the token-level residual (pooled, cosine, partner source) in place of the residual
+    # tokens: separate with the token-level residual (pooled, InfoNCE, partner source) in place of the residual
     tokens = vars(main_mod.parse_args(base + ["--objective", "tokens"]))
+    assert vars(main_mod.parse_args(base)) == tokens  # the study's decision (issue 22): tokens is the default objective
     assert {k: v for k, v in tokens.items() if v != separate[k]} == {
-        "objective": "tokens", "complementary_residual_weight": 0.0, "complementary_token_weight": 1.0}
-    assert (tokens["complementary_token_target"], tokens["complementary_token_loss"],
-            tokens["complementary_residual_source"]) == ("pooled", "cosine", "partner")
+        "objective": "tokens", "complementary_residual_weight": 0.0, "complementary_token_weight": 1.0,
+        "complementary_token_loss": "infonce"}
+    assert (tokens["complementary_token_target"], tokens["complementary_residual_source"]) == ("pooled", "partner")
     model = main_mod.build_model(main_mod.parse_args(base + ["--objective", "tokens"]), tiny_stage1)
     module = model.unwrapped_registers
     assert module.separate and module.residual is None and module.token_decoder is not None
@@ -295,15 +295,15 @@ def test_objective_mission_is_the_original_objective_and_explicit_flags_override
     (["--complementary_residual_source", "both"], "--complementary_residual_source"),
     (["--complementary_difference_weight", "-1"], "--complementary_difference_weight"),
     (["--contrastive_prefixes", "some"], "--contrastive_prefixes"),
-    (["--complementary_pathway", "separate", "--complementary_reg_weight", "0", "--complementary_residual_weight", "0"],
-     "--complementary_pathway separate"),
+    (["--complementary_pathway", "separate", "--complementary_reg_weight", "0", "--complementary_residual_weight", "0",
+      "--complementary_token_weight", "0"], "--complementary_pathway separate"),
     (["--complementary_view_weight", "-1"], "--complementary_view_weight"),
     (["--complementary_view_weight", "1", "--no_augment"], "--complementary_view_weight"),
     (["--complementary_token_weight", "-1"], "--complementary_token_weight"),
     (["--complementary_token_target", "mean"], "--complementary_token_target"),
     (["--complementary_token_loss", "l2"], "--complementary_token_loss"),
     (["--complementary_token_target", "tokens", "--complementary_token_loss", "infonce"],
-     "--complementary_token_loss infonce needs --complementary_token_target pooled"),
+     "--complementary_token_loss infonce (the tokens preset's) needs --complementary_token_target pooled"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_invalid_values_fail_at_parse_time(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
