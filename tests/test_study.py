@@ -512,10 +512,10 @@ def test_smoke_study_writes_its_outputs(tmp_path):
     out = tmp_path / "results"
     lines = run_study_script("--smoke", "--output", str(out), "--sources", "latent", "latent_shed", "tvl", "--arms",
                              "mission", "nd0", "residual", "objective_separate", "separate_noorder",
-                             "separate_difference", "--lengths", "2")
+                             "separate_difference", "tokens", "--lengths", "2")
     m = re.fullmatch("study: " + SUMMARY, lines[-1])
     assert m, lines[-1]
-    for preset in ("mission", "separate"):
+    for preset in ("mission", "separate", "tokens"):
         assert re.fullmatch(rf"study\({preset}\): " + SUMMARY, [x for x in lines if x.startswith(f"study({preset})")][0])
     res = json.load(open(out / "results.json"))
     arms, shed = res["sources"]["latent"]["arms"], res["sources"]["latent_shed"]["arms"]
@@ -560,8 +560,10 @@ def test_smoke_study_writes_its_outputs(tmp_path):
     assert {"mission", arm, res["sources"]["latent"]["lengths"]["best"]} == set(axis)
     assert [r["epochs"] for r in axis["mission"]["2"]] == [2, 2] and axis["mission"]["1"] == runs
     assert set(res["sources"]) == {"latent", "latent_shed", "tvl"} and "lengths" not in res["sources"]["latent_shed"]
-    assert set(res["sources"]["tvl"]["arms"]) == {"mission", "nd0", "objective_separate", "separate_noorder"}
-    assert set(shed) == {"mission", "nd0", "residual", "objective_separate", "separate_noorder", "separate_difference"}
+    assert set(res["sources"]["tvl"]["arms"]) == {"mission", "nd0", "objective_separate", "separate_noorder",
+                                                     "tokens"}
+    assert set(shed) == {"mission", "nd0", "residual", "objective_separate", "separate_noorder", "separate_difference",
+                         "tokens"}
     # the Stage 1 diagnostic sees the axis: touch's global holds its token content beyond vision's only on latent
     diag = {s: res["sources"][s]["stage1"]["content"] for s in res["sources"]}
     assert diag["latent"]["tactile"]["stage1_content"] > 0.1 > abs(diag["latent_shed"]["tactile"]["stage1_content"])
@@ -575,11 +577,12 @@ def test_smoke_study_writes_its_outputs(tmp_path):
             assert v[f"content_gain_{mod}"] == pytest.approx(np.mean(gains), abs=6e-4)
             assert v[f"stage1_content_{mod}"] == pytest.approx(diag[source][mod]["stage1_content"], abs=6e-4)
     val = res["content_validation"]
-    assert val["n"] == 2 * 2 * 6  # 6 arms x 2 latent sources x 2 modalities
+    assert val["n"] == 2 * 2 * 7  # 7 arms x 2 latent sources x 2 modalities
     assert f"agree={val['agree']}/{val['n']} beyond_2std={val['agree_strong']}/{val['n_strong']}" in lines[-2]
     dec = res["decision"]
     # candidates: the arms run on both latent sources that have a no-ordering control (--arms runs them on both)
-    assert set(dec["candidates"]) == {"mission", "residual", "objective_separate", "separate_difference"}
+    assert set(dec["candidates"]) == {"mission", "residual", "objective_separate", "separate_difference",
+                                        "tokens"}
     assert len([x for x in lines if x.startswith("study(decision): ")]) == 1
     md = (out / "RESULTS.md").read_text()
     for needle in ("## Source: latent", "## Source: latent_shed", "## Source: tvl", res["command"], "## Decision",
@@ -605,13 +608,13 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
                                 "vision", "tactile"] + stage1_flags(tiny_stage1_files)) == 0
     out = tmp_path / "results"
     lines = run_study_script("--sources", f"cache:{cache}", *stage1_flags(tiny_stage1_files), "--arms",
-                             "objective_separate", "separate_noorder", "separate_view", "--seeds", "1", "--epochs", "1",
+                             "tokens", "separate_noorder", "separate_view", "--seeds", "1", "--epochs", "1",
                              "--output", str(out), "--train_args", "--batch_size 16 --register_width 32")
     m = re.fullmatch("study: " + SUMMARY, lines[-1])
     assert m and m.group(G["unique_gain"]) == "nan" and m.group(G["seeds"]) == "1", lines[-1]
     res = json.load(open(out / "results.json"))
     src = res["sources"][f"cache:{cache}"]
-    run = src["arms"]["objective_separate"]["runs"][0]
+    run = src["arms"]["tokens"]["runs"][0]
     assert "probes" not in run and len(run["prefix_mean"]) == 4 and set(run["tvl"]) == {"val", "test"}
     assert "--batch_size" in run["argv"] and "--register_width" in run["argv"]
     # the study's own R@1 on val equals the trainer's evaluation of the same checkpoint
@@ -619,7 +622,7 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
     # Stage 1's numbers do not depend on the arm
     assert src["arms"]["separate_noorder"]["runs"][0]["tvl"]["test"]["stage1"] == run["tvl"]["test"]["stage1"]
     # the factor-free measure and the diagnostic, per modality, with no known factor
-    line = [x for x in lines if x.startswith(f"study(content, cache:{cache}, objective_separate): ")]
+    line = [x for x in lines if x.startswith(f"study(content, cache:{cache}, tokens): ")]
     assert len(line) == 1, lines
     v = line_values(line[0])
     for mod in ("tactile", "vision"):
@@ -638,7 +641,7 @@ def test_study_on_a_users_cache(tmp_path, synthetic_tvl, tiny_stage1_files):
     assert f"study: cache:{cache}, separate_view: left out, its training failed: {error}" in lines
     md = (out / "RESULTS.md").read_text()
     header = md.split("### Arms: retrieval")[1].strip().splitlines()[0]
-    assert "TVL metrics, arm `objective_separate`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
+    assert "TVL metrics, arm `tokens`, test split" in md and "R@1 pooled" in header and "unique_gain" not in header
     per_mod = md.split("### Arms: what the complementary token holds, per modality")[1].strip().splitlines()[0]
     assert "content_gain" in per_mod and "unique_gain" not in per_mod
     assert f"| cache:{cache} | tactile | {src['stage1']['content']['tactile']['stage1_content']:.3f} |" in md
