@@ -224,13 +224,14 @@ def test_a_held_folder_is_refused_by_each_entry_point_touching_nothing(entry, ti
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """mount(size_kib) mounts a tmpfs of that size at tmp_path/fs (again: remount, contents kept); unmounted after."""
+    """mount(size_kib, ro=False) mounts a tmpfs of that size at tmp_path/fs (again: remount, contents kept); unmounted
+    after."""
     where = tmp_path / "fs"
     where.mkdir()
     mounted = []
 
-    def mount(kib):
-        opts = f"size={kib}k" + (",remount" if mounted else "")
+    def mount(kib, ro=False):
+        opts = f"size={kib}k" + (",remount" if mounted else "") + (",ro" if ro else "")
         p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
         if p.returncode:
             pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {p.stderr.strip()}")
@@ -287,6 +288,28 @@ def test_full_disk_is_refused_up_front_or_an_error_and_the_rerun_completes(ref_c
     assert "wrote 3 shard(s), skipped 2 finished one(s)" in r.stdout()
     assert folder_state(os.path.join(out, "train", "shard_00000")) == kept
     assert_same_cache(ref_cache, out, "train", modalities=("vision", "text"))
+
+
+# ------------------------------------------------------------------ --output_dir that cannot hold a run
+
+def test_an_output_dir_that_is_a_file_is_refused_in_one_line(tiny_stage1_files, small_tvl, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    r = Run(train_flags(tiny_stage1_files, small_tvl, afile), tmp_path / "logs")
+    assert r.wait(timeout=120) == 2, r.tail()
+    assert one_error_line(r) == f"error: --output_dir {afile}: is a file, not a directory"
+    assert afile.read_text() == "not a folder\n" and not re.search(r"^(recipe|data):", r.stdout(), flags=re.M)
+
+
+def test_an_output_dir_that_is_not_writable_is_refused_in_one_line_by_every_rank(tiny_stage1_files, small_tvl,
+                                                                                 tmp_path, tmpfs):
+    """A read-only file system (root ignores chmod 555): under torchrun x2, both ranks say it and exit 2."""
+    out = os.path.join(tmpfs(64, ro=True), "out")
+    r = Run(train_flags(tiny_stage1_files, small_tvl, out), tmp_path / "logs", nproc=2)
+    assert r.wait(timeout=120) == 1, r.tail()
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", r.stderr())) == {"2"}, r.tail()
+    assert one_error_line(r, 2) == f"error: --output_dir {out}: is not writable (Read-only file system: {out})"
+    assert not re.search(r"^(recipe|data):", r.stdout(), flags=re.M)
 
 
 # ------------------------------------------------------------------------------------- 3. a damaged cache

@@ -361,11 +361,13 @@ class FolderLock:
 
     def __init__(self, folder, flag):
         path = os.path.join(folder, self.NAME)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise CheckpointError(f"{flag} {folder}: is a file, not a directory")
         try:
             os.makedirs(folder, exist_ok=True)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise CheckpointError(f"{flag} {folder}: cannot create its lock file {path} ({e.strerror})") from None
+        except OSError as e:  # EROFS, EACCES (not as root), ENOTDIR (a file on the way), ENOSPC
+            raise CheckpointError(f"{flag} {folder}: is not writable ({e.strerror}: {e.filename})") from None
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
