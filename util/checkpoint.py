@@ -61,6 +61,22 @@ def load_torch_file(path, flag=None):
                               f"({first_line(e)})") from None
 
 
+def load_run_checkpoint(path, flag):
+    """A Stage 2 checkpoint's contents, refused (CheckpointError) unless it holds its run's args."""
+    ckpt = load_torch_file(path, flag=flag)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
+        raise CheckpointError(f"{flag} {path}: not a FluxTalk Stage 2 checkpoint (no 'args')")
+    return ckpt
+
+
+def resume_path(args):
+    """The checkpoint --resume names (auto: output_dir/checkpoint.pth, when there is one), or None."""
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        return path if os.path.isfile(path) else None
+    return args.resume or None
+
+
 def first_line(e):
     lines = str(e).strip().splitlines()
     return lines[0].split(". ")[0][:200] if lines else type(e).__name__
@@ -221,7 +237,7 @@ class RunFiles:
     def __init__(self, args, model, optimizer, scaler, stage1_fingerprint):
         self.args, self.model, self.optimizer, self.scaler = args, model, optimizer, scaler
         self.fingerprint = stage1_fingerprint
-        self.resume_path = self.resolve_resume()
+        self.resume_path = resume_path(args)
         self.layout = None  # (world size, batch size) of the run that wrote the resumed checkpoint
         self.checkpoint_bytes = None  # what one checkpoint takes on disk: the last one written, or the resumed one
         self.writer = None  # TensorBoard, rank 0
@@ -229,10 +245,13 @@ class RunFiles:
     def path(self, name):
         return os.path.join(self.args.output_dir, name)
 
-    def resolve_resume(self):
-        if self.args.resume == "auto":
-            return self.path("checkpoint.pth") if os.path.isfile(self.path("checkpoint.pth")) else None
-        return self.args.resume or None
+    @staticmethod
+    def stored_args(args):
+        """(path, args stored in it) of the --resume checkpoint, read before the model exists (--eval_only)."""
+        path = resume_path(args)
+        if path is None:
+            raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {args.output_dir}")
+        return path, load_run_checkpoint(path, "--resume")["args"]
 
     def resume(self):
         """The TrainState to start from: the --resume checkpoint's (weights, optimizer, scaler and this rank's RNG
