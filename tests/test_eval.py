@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -112,6 +113,11 @@ def test_the_checkpoint_alone_evaluates_as_every_flag_and_as_the_training_did(fi
     assert alone["split"] == "val" and alone["checkpoint"] == os.path.join(trained[0], "checkpoint.pth")
     assert alone["stage2"] == {k: log[-1][f"val_{k}"] for k in alone["stage2"]}
     assert alone["stage1"] == log[0]["baseline_stage1"]
+    # --resume auto finds --output_dir's checkpoint.pth, and reads its args the same way
+    shutil.copy(os.path.join(trained[0], "checkpoint.pth"), tmp_path / "checkpoint.pth")
+    run_in_process(["--eval_only", "--resume", "auto", "--output_dir", str(tmp_path)])
+    with open(tmp_path / "eval_val.json") as f:
+        assert json.load(f) == {**alone, "checkpoint": str(tmp_path / "checkpoint.pth")}
 
 
 def test_torchrun_two_processes_give_the_one_process_numbers(trained, tmp_path):
