@@ -21,10 +21,9 @@ import torch
 import util.dist as dist
 from data_stage2 import BadSamples, DataError
 from engine_stage2 import compute_embeddings, pooled
-from main_train_stage2 import MISSION, build_model, build_split, make_loader
-from main_train_stage2 import get_args_parser as get_train_parser
+from main_train_stage2 import build_model, build_split, make_loader, run_args
 from stage1 import Stage1Error, build_stage1
-from util.checkpoint import CheckpointError, RunFiles, load_torch_file
+from util.checkpoint import CheckpointError, RunFiles, load_run_checkpoint
 from util.misc import to_device
 
 
@@ -34,13 +33,8 @@ def load_stage2(checkpoint, device="cpu", **overrides):
     The Stage 1 files, model shape and data flags come from the checkpoint's stored args; `overrides` replace
     some of them (e.g. stage1_checkpoint=..., datasets_dir=... when the files moved). Another Stage 1 than the
     one it was trained on is refused (CheckpointError)."""
-    stored = load_torch_file(checkpoint, flag="--checkpoint")
-    if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict):
-        raise CheckpointError(f"--checkpoint {checkpoint}: not a FluxTalk Stage 2 checkpoint (no 'args')")
-    # A run from before a flag existed trained with its default then: the parser's defaults fill what it lacks, and
-    # the objective flags (added with the presets, when the mission's loss was the only one) take the mission's.
-    args = argparse.Namespace(**{**vars(get_train_parser().parse_args([])), "objective": "mission", **MISSION,
-                                 **stored["args"], **overrides})
+    stored = load_run_checkpoint(checkpoint, "--checkpoint")
+    args = argparse.Namespace(**{**run_args(stored["args"]), **overrides})
     args.device_obj = torch.device(device)
     stage1 = build_stage1(args.stage1_checkpoint, args.clip_model, args.clip_pretrained, args.tactile_model,
                           active_modalities=args.active_modality_names)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.dist as dist
 from data_stage2 import (BadSamples, DataError, GuardedLoader, add_data_args, build_dataset, check_data,
-                         resolve_recipe)
+                         given_recipe, resolve_recipe)
 from engine_stage2 import NonFiniteLoss, evaluate, log_baseline, log_eval, train_one_epoch
 from feature_cache import build_cached_dataset, cache_token_counts
 from loss_stage2 import Stage2Loss
@@ -69,7 +69,8 @@ def get_args_parser():
     g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' (output_dir/checkpoint.pth "
                                                 "if present)")
     g.add_argument("--eval_only", action="store_true",
-                   help="evaluate the --resume checkpoint and exit (writes eval_<split>.json, Stage 1 beside Stage 2)")
+                   help="evaluate the --resume checkpoint and exit (writes eval_<split>.json, Stage 1 beside Stage 2); "
+                        "the Stage 1, model and data flags are the checkpoint's")
     g.add_argument("--eval_split", default="val", choices=["val", "test"],
                    help="split of the periodic evaluation and --eval_only; test (each subset's test.csv) is the "
                         "only split that never overlaps Stage 1's training data, val selects checkpoints")
@@ -220,15 +221,62 @@ def parse_args(argv=None):
                      "--no_augment")
     if args.eval_only and not args.resume:
         parser.error("--eval_only needs --resume PATH (or auto)")
+    if args.eval_only:  # the other flags come from the checkpoint (use_run_args); these must agree with it
+        args.given_flags = given_flags(argv)
     if args.check_data and args.feature_cache:
         parser.error("--check_data reads --datasets_dir; a --feature_cache run decodes no files")
     if args.demo:
         apply_demo_defaults(args, parser)
-    elif args.stage1_checkpoint is None and not args.check_data:  # with --feature_cache too (fingerprint)
+    elif args.stage1_checkpoint is None and not (args.check_data or args.eval_only):  # --feature_cache: fingerprint
         parser.error("--stage1_checkpoint is required (or use --demo)")
     dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
     args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
+
+
+def given_flags(argv):
+    """The names of the flags on the command line, not those whose value differs from a default (which --objective
+    changes, and which may be given too): parsed again into a namespace that holds a marker for each, as argparse sets
+    a default only where the namespace has no value."""
+    parser, unset = get_args_parser(), object()
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return sorted(k for k, v in vars(parsed).items() if v is not unset)
+
+
+def run_args(stored):
+    """{flag: value} a run trained with, from its checkpoint's stored args. A run from before a flag existed trained
+    with its default then: the parser's defaults fill what it lacks, and the objective flags (added with the presets,
+    when the mission's loss was the only one) take the mission's."""
+    return {**vars(get_args_parser().parse_args([])), "objective": "mission", **MISSION, **stored}
+
+
+# --eval_only evaluates what the run trained: its checkpoint's args define the Stage 1, the model and the data. From the
+# command line (default included) only where and how this evaluation runs ...
+EVAL_OWN = ("output_dir", "log_dir", "resume", "eval_only", "device", "precision", "check_data", "compile", "demo")
+# ... and, when given, where the data is now, which split and how it is read.
+EVAL_OVERRIDES = ("datasets_dir", "feature_cache", "eval_split", "batch_size", "num_workers", "max_bad_samples",
+                  "print_freq")
+
+
+def use_run_args(args):
+    """--eval_only: args becomes the --resume checkpoint's stored args, but for EVAL_OWN and the EVAL_OVERRIDES given.
+    Another flag given must agree with the checkpoint, else CheckpointError naming both values."""
+    given = vars(args).pop("given_flags")
+    path, stored = RunFiles.stored_args(args)
+    stored = run_args(stored)
+    mine = {**vars(args), **given_recipe(args)}  # recipe flags as stored (--subtract_background none is None)
+    for k in given:
+        if k not in EVAL_OWN + EVAL_OVERRIDES and mine[k] != stored.get(k):
+            raise CheckpointError(f"--{k} {as_flag(getattr(args, k))}: the checkpoint {path} was trained with "
+                                  f"{as_flag(stored.get(k))}; --eval_only takes the Stage 1, model and data flags "
+                                  f"from it: drop the flag")
+    here = [k for k in EVAL_OWN if hasattr(args, k)] + [k for k in given if k in EVAL_OVERRIDES]
+    vars(args).update({**stored, **{k: getattr(args, k) for k in here}})
+
+
+def as_flag(value):
+    """A flag's value as written on a command line."""
+    return " ".join(map(str, value)) if isinstance(value, list) else value
 
 
 def complementary_objective(args):
@@ -464,6 +512,8 @@ def run(args):
 
 
 def run_locked(args):
+    if args.eval_only:
+        use_run_args(args)
     setup(args)
     if args.check_data:
         return check_data(args, ("train", "val"), args.active_modality_names)

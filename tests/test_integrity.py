@@ -17,12 +17,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import cache_features
 import feature_cache as FC
-from conftest import ROOT, TINY_REGISTERS, Run, assert_same_model, descendants, load, read_log, stage1_flags
+import util.checkpoint as C
+from conftest import (ROOT, TINY_REGISTERS, Run, assert_same_model, descendants, load, main_in_process, read_log,
+                      stage1_flags)
 from test_feature_cache import assert_same_cache
-from util.checkpoint import FolderLock
 
 pytestmark = pytest.mark.slow  # every test launches processes or caches features
 CACHE = os.path.join(ROOT, "cache_features.py")
@@ -198,7 +200,7 @@ def test_a_held_folder_is_refused_by_each_entry_point_touching_nothing(entry, ti
     folder = tmp_path / "held"
     folder.mkdir()
     (folder / "log.txt").write_text('{"epoch": 0}\n')
-    lock = FolderLock(str(folder), "--x")  # held by this test process
+    lock = C.FolderLock(str(folder), "--x")  # held by this test process
     before = folder_state(str(folder))
     try:
         if entry.startswith("cache"):
@@ -224,13 +226,14 @@ def test_a_held_folder_is_refused_by_each_entry_point_touching_nothing(entry, ti
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """mount(size_kib) mounts a tmpfs of that size at tmp_path/fs (again: remount, contents kept); unmounted after."""
+    """mount(size_kib, ro=False) mounts a tmpfs of that size at tmp_path/fs (again: remount, contents kept); unmounted
+    after."""
     where = tmp_path / "fs"
     where.mkdir()
     mounted = []
 
-    def mount(kib):
-        opts = f"size={kib}k" + (",remount" if mounted else "")
+    def mount(kib, ro=False):
+        opts = f"size={kib}k" + (",remount" if mounted else "") + (",ro" if ro else "")
         p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
         if p.returncode:
             pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {p.stderr.strip()}")
@@ -287,6 +290,117 @@ def test_full_disk_is_refused_up_front_or_an_error_and_the_rerun_completes(ref_c
     assert "wrote 3 shard(s), skipped 2 finished one(s)" in r.stdout()
     assert folder_state(os.path.join(out, "train", "shard_00000")) == kept
     assert_same_cache(ref_cache, out, "train", modalities=("vision", "text"))
+
+
+def page_bytes(path):
+    """Bytes tmpfs allocates for a file: its size rounded up to 4 KiB pages."""
+    return -(-os.path.getsize(path) // 4096) * 4096
+
+
+def checkpoints_line(stdout, out):
+    """(bytes free, bytes per checkpoint, estimated?) of the start-up line about --output_dir's space."""
+    free, size, est = re.search(rf"^checkpoints: {re.escape(str(out))}: ([\d,]+) bytes free, ([\d,]+) bytes per "
+                                rf"checkpoint( \(estimate\))?$", stdout, flags=re.M).groups()
+    return int(free.replace(",", "")), int(size.replace(",", "")), est is not None
+
+
+def disk_full_line(path, need, free, also=""):
+    return (f"error: {path}{also}: no space left on its disk for the checkpoint: {need:,} bytes needed, {free:,} bytes "
+            f"free; the checkpoints already there are intact: free space, then continue with --resume auto")
+
+
+def test_a_full_disk_at_checkpoint_time_ends_every_rank_in_one_line_and_resume_auto_continues(
+        tiny_stage1_files, small_tvl, tmp_path, tmpfs):
+    """torchrun x2, loader workers on, a checkpoint of each epoch kept (--save_every 1): the tmpfs holds epoch 0's three
+    checkpoints (checkpoint.pth, -best, -0) but not epoch 1's new checkpoint-1.pth and checkpoint.pth's temp file.
+    The run ends before writing any of them, and continues once the mount is bigger, as if never stopped."""
+    argv = lambda out: train_flags(tiny_stage1_files, small_tvl, out, *VT, "--epochs", "2", "--save_every", "1",  # noqa
+                                   "--log_dir", str(tmp_path / "tb"))  # TensorBoard off the tmpfs: only checkpoints grow
+    ref = Run(argv(tmp_path / "ref"), tmp_path / "ref", nproc=2)
+    assert ref.wait() == 0, ref.tail()
+    one = page_bytes(tmp_path / "ref" / "checkpoint.pth")
+    fs = tmpfs((9 * one // 2 + 16 * 1024) // 1024)  # 4.5 checkpoints, and pages for .lock, args.json and log.txt
+    out = os.path.join(fs, "out")
+    free_at_mount = shutil.disk_usage(fs).free
+
+    r = Run(argv(out), tmp_path / "logs", nproc=2)
+    assert r.wait(timeout=300) == 1, r.tail()  # torchrun exits 1 for a failed child; each rank exited 2
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", r.stderr())) == {"2"}, r.tail()
+    # start-up: the free space (less .lock and args.json) and an estimate that covers a checkpoint, a little over
+    free, size, estimated = checkpoints_line(r.stdout(), out)
+    assert free == free_at_mount - 2 * 4096 and estimated and one <= size <= 1.15 * one, (free, size, one)
+    log = read_log(tmp_path / "ref")
+    also = (["checkpoint-best.pth"] if log[1]["val_mean_r1"] > log[0]["val_mean_r1"] else []) + ["checkpoint-1.pth"]
+    assert one_error_line(r, 2) == disk_full_line(f"{out}/checkpoint.pth", 2 * one, shutil.disk_usage(fs).free,
+                                                  also=f" (and {', '.join(also)})")
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-0.pth", "checkpoint-best.pth",
+                                       "checkpoint.pth", "log.txt"]  # no temp file, no checkpoint-1.pth
+    # checkpoint.pth is epoch 0's, as the uninterrupted run wrote it (checkpoint-0.pth holds the same)
+    with open(os.path.join(out, "checkpoint.pth"), "rb") as a, open(os.path.join(out, "checkpoint-0.pth"), "rb") as b:
+        assert a.read() == b.read()
+    got, want = load(os.path.join(out, "checkpoint.pth")), load(tmp_path / "ref" / "checkpoint-0.pth")
+    assert got["epoch"] == 0 and all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+
+    tmpfs(16 * 1024)  # space freed
+    again = Run(argv(out), tmp_path / "logs", nproc=2)
+    assert again.wait(timeout=300) == 0, again.tail()
+    assert "resumed from" in again.stdout()
+    assert checkpoints_line(again.stdout(), out)[1:] == (page_bytes(os.path.join(out, "checkpoint-0.pth")), False)
+    assert_same_model(out, str(tmp_path / "ref"), "resumed after the full disk")
+
+
+def test_a_disk_that_fills_during_the_checkpoint_write_gives_the_same_line(tiny_stage1_files, small_tvl, tmpfs,
+                                                                           tmp_path, monkeypatch, capsys):
+    """The space check passes, then another process fills the disk: torch.save itself fails (a RuntimeError from
+    inline_container.cc over the file's ENOSPC); the line is the same, the temp file is gone, checkpoint.pth intact."""
+    fs = tmpfs(8 * 1024)
+    out, filler = os.path.join(fs, "out"), os.path.join(fs, "filler")
+    real_save, calls, before = C.save_atomic, [], {}
+
+    def fill_then_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint.pth of --save_every_steps 1: the check has passed
+            before["bytes"] = open(path, "rb").read()
+            with open(filler, "wb") as f:  # all but 64 KiB, far less than a checkpoint
+                os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(fs).free - 64 * 1024)
+        return real_save(obj, path)
+
+    monkeypatch.setattr(C, "save_atomic", fill_then_save)
+    argv = train_flags(tiny_stage1_files, small_tvl, out, *VT, "--num_workers", "0", "--save_every_steps", "1",
+                       "--log_dir", str(tmp_path / "tb"))
+    assert main_in_process(argv) == 2
+    stdout, err = capsys.readouterr()
+    target = os.path.join(out, "checkpoint.pth")
+    assert err.splitlines() == [disk_full_line(target, page_bytes(target), shutil.disk_usage(fs).free)], err
+    assert open(target, "rb").read() == before["bytes"] and load(target)["next_step"] == 1
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint.pth"]  # no temp file (log.txt: epoch ends)
+
+    os.remove(filler)
+    monkeypatch.setattr(C, "save_atomic", real_save)
+    assert main_in_process(argv) == 0
+    assert "resumed from" in capsys.readouterr().out and load(target)["epoch"] == 0
+
+
+# ------------------------------------------------------------------ --output_dir that cannot hold a run
+
+def test_an_output_dir_that_is_a_file_is_refused_in_one_line(tiny_stage1_files, small_tvl, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    r = Run(train_flags(tiny_stage1_files, small_tvl, afile), tmp_path / "logs")
+    assert r.wait(timeout=120) == 2, r.tail()
+    assert one_error_line(r) == f"error: --output_dir {afile}: is a file, not a directory"
+    assert afile.read_text() == "not a folder\n" and not re.search(r"^(recipe|data):", r.stdout(), flags=re.M)
+
+
+def test_an_output_dir_that_is_not_writable_is_refused_in_one_line_by_every_rank(tiny_stage1_files, small_tvl,
+                                                                                 tmp_path, tmpfs):
+    """A read-only file system (root ignores chmod 555): under torchrun x2, both ranks say it and exit 2."""
+    out = os.path.join(tmpfs(64, ro=True), "out")
+    r = Run(train_flags(tiny_stage1_files, small_tvl, out), tmp_path / "logs", nproc=2)
+    assert r.wait(timeout=120) == 1, r.tail()
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", r.stderr())) == {"2"}, r.tail()
+    assert one_error_line(r, 2) == f"error: --output_dir {out}: is not writable (Read-only file system: {out})"
+    assert not re.search(r"^(recipe|data):", r.stdout(), flags=re.M)
 
 
 # ------------------------------------------------------------------------------------- 3. a damaged cache

@@ -206,10 +206,12 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint_and_reports(tiny_stag
                  ("--num_workers", "0", "--save_every_steps", "1", "--epochs", "1"))
     code, out, err = run_in_process(argv, capsys)
     target = str(tmp_path / "checkpoint.pth")
-    assert code == 1, (code, err)  # not 2: the input was fine, the write failed
+    assert code == 2, (code, err)  # a full disk ends the run as bad input does (issue 23)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert target in lines[0] and "No space left on device" in lines[0], lines[0]
+    assert re.fullmatch(rf"error: {target}: no space left on its disk for the checkpoint: [\d,]+ bytes needed, "
+                        r"[\d,]+ bytes free; the checkpoints already there are intact: free space, then continue "
+                        r"with --resume auto", lines[0]), lines[0]
     ck = load(target)  # the previous checkpoint is intact and loadable
     assert ck["next_step"] == 2
     assert all(torch.equal(ck["model"][k], v) for k, v in saved[-1].items())

@@ -6,12 +6,14 @@ extra type allowed is `argparse.Namespace`, which TVL Stage 1 files carry.
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import socket
 import time
@@ -28,7 +30,12 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointWriteError(CheckpointError):
-    """Writing failed (disk full, permissions, ...): the input was fine, so not a bad-input exit."""
+    """Writing failed (permissions, I/O, ...): the input was fine, so not a bad-input exit."""
+
+
+class DiskFull(CheckpointError):
+    """No room for a checkpoint. Not a CheckpointWriteError: it ends the run as bad input does (exit 2, one line), since
+    only freeing space lets it go on; the message names the file and the bytes needed and free."""
 
 
 def load_torch_file(path, flag=None):
@@ -52,6 +59,22 @@ def load_torch_file(path, flag=None):
     except Exception as e:  # zip / pickle framing errors: truncated, or not a torch file at all
         raise CheckpointError(f"{where}: not a readable torch checkpoint, truncated or another format "
                               f"({first_line(e)})") from None
+
+
+def load_run_checkpoint(path, flag):
+    """A Stage 2 checkpoint's contents, refused (CheckpointError) unless it holds its run's args."""
+    ckpt = load_torch_file(path, flag=flag)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
+        raise CheckpointError(f"{flag} {path}: not a FluxTalk Stage 2 checkpoint (no 'args')")
+    return ckpt
+
+
+def resume_path(args):
+    """The checkpoint --resume names (auto: output_dir/checkpoint.pth, when there is one), or None."""
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        return path if os.path.isfile(path) else None
+    return args.resume or None
 
 
 def first_line(e):
@@ -97,6 +120,35 @@ def save_atomic(obj, path):
     except Exception as e:
         raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); "
                                    f"the previous file, if any, is intact") from e
+
+
+def out_of_space(e):
+    """Whether ENOSPC is somewhere in the exception's chain. torch.save into a full disk raises RuntimeError
+    ("[enforce fail at inline_container.cc] unexpected pos ...") with the file's OSError as its context."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def checkpoint_bytes(obj):
+    """What torch.save(obj) takes on disk, estimated from the tensors in it (nested dicts, lists, tuples): their
+    bytes, 512 per tensor (its zip entry, 64-byte alignment) and 64 KiB for the pickled rest; an upper bound."""
+    tensors, stack = [], [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif isinstance(x, (dict, list, tuple)):
+            stack += list(x.values() if isinstance(x, dict) else x)
+    return sum(t.nelement() * t.element_size() + 512 for t in tensors) + 64 * 1024
+
+
+def allocated_bytes(path):
+    """What a file takes on its disk (whole blocks)."""
+    st = os.stat(path)
+    return max(st.st_size, st.st_blocks * 512)
 
 
 def remove_stale_temp_files(folder):
@@ -185,17 +237,21 @@ class RunFiles:
     def __init__(self, args, model, optimizer, scaler, stage1_fingerprint):
         self.args, self.model, self.optimizer, self.scaler = args, model, optimizer, scaler
         self.fingerprint = stage1_fingerprint
-        self.resume_path = self.resolve_resume()
+        self.resume_path = resume_path(args)
         self.layout = None  # (world size, batch size) of the run that wrote the resumed checkpoint
+        self.checkpoint_bytes = None  # what one checkpoint takes on disk: the last one written, or the resumed one
         self.writer = None  # TensorBoard, rank 0
 
     def path(self, name):
         return os.path.join(self.args.output_dir, name)
 
-    def resolve_resume(self):
-        if self.args.resume == "auto":
-            return self.path("checkpoint.pth") if os.path.isfile(self.path("checkpoint.pth")) else None
-        return self.args.resume or None
+    @staticmethod
+    def stored_args(args):
+        """(path, args stored in it) of the --resume checkpoint, read before the model exists (--eval_only)."""
+        path = resume_path(args)
+        if path is None:
+            raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {args.output_dir}")
+        return path, load_run_checkpoint(path, "--resume")["args"]
 
     def resume(self):
         """The TrainState to start from: the --resume checkpoint's (weights, optimizer, scaler and this rank's RNG
@@ -211,6 +267,7 @@ class RunFiles:
         ranks = ckpt.get("rng_ranks") or []  # per rank; rank 0's alone when the world size changed
         set_rng_state(ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ckpt["rng"])
         self.layout = (ckpt["args"].get("world_size"), ckpt["args"].get("batch_size"))
+        self.checkpoint_bytes = allocated_bytes(self.resume_path)
         state = TrainState(ckpt["epoch"], ckpt["next_step"], ckpt["global_step"], ckpt.get("best_val_mean_r1", -1.0),
                            ckpt.get("partial"), ckpt.get("bad_samples", []))
         if dist.is_main():
@@ -262,6 +319,10 @@ class RunFiles:
             remove_stale_temp_files(self.args.output_dir)
             self.write_json("args.json", self.saved_args())
             self.trim_log(state.epoch)
+            # weights and AdamW's two moments of each, until a checkpoint's own size is known
+            size = self.checkpoint_bytes or checkpoint_bytes([self.model.trainable_state_dict()] * 3)
+            print(f"checkpoints: {self.args.output_dir}: {shutil.disk_usage(self.args.output_dir).free:,} bytes free, "
+                  f"{size:,} bytes per checkpoint{'' if self.checkpoint_bytes else ' (estimate)'}", flush=True)
         self.open_writer(state.global_step + 1 if self.resume_path else 0)
 
     def open_writer(self, purge_step):
@@ -319,13 +380,30 @@ class RunFiles:
         if dist.is_main():
             if self.writer is not None:
                 self.writer.flush()  # TensorBoard up to this step survives a kill -9 (a resume purges only later steps)
+            need = self.space_needed(names, ckpt)
             try:
+                if shutil.disk_usage(self.args.output_dir).free < need:
+                    raise self.disk_full(names, need)
                 for name in names:
                     save_atomic(ckpt, self.path(name))
-            except CheckpointWriteError as e:
-                error = e
-        dist.raise_together(error, CheckpointWriteError(f"{self.path(names[0])}: rank 0 failed to write the "
-                                                        f"checkpoint (see its error)"))
+                self.checkpoint_bytes = allocated_bytes(self.path(names[0]))
+            except (DiskFull, CheckpointWriteError) as e:
+                error = self.disk_full(names, need) if out_of_space(e) else e
+        dist.raise_from_rank0(error)  # every rank ends with rank 0's line and exit code
+
+    def space_needed(self, names, ckpt):
+        """Bytes free that writing `ckpt` under each of `names` needs: a new file keeps its room, a replaced one
+        needs room for its temp file only while it is written (the old file goes at the rename)."""
+        one = self.checkpoint_bytes or checkpoint_bytes(ckpt)
+        new = sum(not os.path.exists(self.path(n)) for n in names)
+        return one * (new + (new < len(names)))
+
+    def disk_full(self, names, need):
+        free = shutil.disk_usage(self.args.output_dir).free
+        also = f" (and {', '.join(names[1:])})" if len(names) > 1 else ""
+        return DiskFull(f"{self.path(names[0])}{also}: no space left on its disk for the checkpoint: {need:,} bytes "
+                        f"needed, {free:,} bytes free; the checkpoints already there are intact: free space, then "
+                        f"continue with --resume auto")
 
     def save_epoch_end(self, state, is_best):
         """checkpoint.pth; checkpoint-best.pth when the epoch's val_mean_r1 is the best so far; checkpoint-<epoch>.pth
@@ -361,11 +439,13 @@ class FolderLock:
 
     def __init__(self, folder, flag):
         path = os.path.join(folder, self.NAME)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise CheckpointError(f"{flag} {folder}: is a file, not a directory")
         try:
             os.makedirs(folder, exist_ok=True)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise CheckpointError(f"{flag} {folder}: cannot create its lock file {path} ({e.strerror})") from None
+        except OSError as e:  # EROFS, EACCES (not as root), ENOTDIR (a file on the way), ENOSPC
+            raise CheckpointError(f"{flag} {folder}: is not writable ({e.strerror}: {e.filename})") from None
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
@@ -404,9 +484,7 @@ def folder_lock(folder, flag):
             lock = FolderLock(folder, flag)
         except CheckpointError as e:
             error = e
-    error = dist.all_gather_object(error)[0]
-    if error:
-        raise dist.together(error)
+    dist.raise_from_rank0(error)
     try:
         yield
     finally:

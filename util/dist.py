@@ -120,6 +120,13 @@ def raise_together(error, elsewhere):
         raise together(error or elsewhere)
 
 
+def raise_from_rank0(error):
+    """Rank 0's `error` (an exception or None), raised on every rank: each rank ends with rank 0's line."""
+    error = all_gather_object(error)[0]
+    if error:
+        raise together(error)
+
+
 def together(error):
     """Marks an exception that every rank raises at the same point, so run_entry_point lets the ranks leave together
     (finish_together) instead of one tearing the process group down under another."""
