@@ -5,7 +5,7 @@
         --output_dir ./output_dir/flux_talk_variant \
         --datasets_dir /data/tvl --datasets ssvtp hct
 
-    python main_train_stage2.py --demo        # synthetic TVL data + a tiny Stage 1, CPU, about a minute
+    python main_train_stage2.py --demo        # tools/demo.py: synthetic TVL data + a tiny Stage 1, CPU, under a minute
     python main_train_stage2.py --check_data --datasets_dir /data/tvl   # list every missing/unreadable file, exit
 
 Exit codes: 0 done, 2 bad input (one line on stderr naming the flag/file/key), 75 stopped by SIGTERM/SIGUSR1
@@ -33,7 +33,6 @@ from loss_stage2 import Stage2Loss
 from stage1 import Stage1Error, add_stage1_args, build_stage1
 from tvl_stage2 import FluxTalk, RegisterModule
 from util.checkpoint import CheckpointError, CheckpointWriteError, Preempted, RunFiles, folder_lock
-from tools.demo import apply_demo_defaults, prepare_demo, print_demo_summary
 from util.misc import MODALITIES, headline_keys, in_canonical_order
 
 EXIT_BAD_INPUT = 2
@@ -62,7 +61,9 @@ def get_args_parser():
     p = argparse.ArgumentParser("FluxTalk Stage 2 training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--demo", action="store_true",
-                   help="synthetic TVL-format data + a tiny Stage 1 under output_dir (made once), CPU, a few epochs")
+                   help="hand over to tools/demo.py: synthetic TVL-format data + a tiny Stage 1 under output_dir (default "
+                        "./output_dir/demo, made once), then this trainer on CPU for a few epochs with --eval_at_start "
+                        "and a table of the metrics before and after; other flags given with it pass through and win")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.json, TensorBoard")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
     g.add_argument("--seed", default=0, type=int, help="base seed; each rank adds its rank")
@@ -71,6 +72,9 @@ def get_args_parser():
     g.add_argument("--eval_only", action="store_true",
                    help="evaluate the --resume checkpoint and exit (writes eval_<split>.json, Stage 1 beside Stage 2); "
                         "the Stage 1, model and data flags are the checkpoint's")
+    g.add_argument("--eval_at_start", action="store_true",
+                   help="evaluate once before training (before the first epoch, or where a resumed run continues): "
+                        "printed, written to log.txt as a line with eval_at_start: true, and to TensorBoard")
     g.add_argument("--eval_split", default="val", choices=["val", "test"],
                    help="split of the periodic evaluation and --eval_only; test (each subset's test.csv) is the "
                         "only split that never overlaps Stage 1's training data, val selects checkpoints")
@@ -225,11 +229,9 @@ def parse_args(argv=None):
         args.given_flags = given_flags(argv)
     if args.check_data and args.feature_cache:
         parser.error("--check_data reads --datasets_dir; a --feature_cache run decodes no files")
-    if args.demo:
-        apply_demo_defaults(args, parser)
-    elif args.stage1_checkpoint is None and not (args.check_data or args.eval_only):  # --feature_cache: fingerprint
+    if args.stage1_checkpoint is None and not (args.check_data or args.eval_only):  # --feature_cache: fingerprint
         parser.error("--stage1_checkpoint is required (or use --demo)")
-    dist.resolve_device_args(parser, args)  # after the demo defaults, which pick the CPU
+    dist.resolve_device_args(parser, args)
     args.active_modality_names = in_canonical_order(args.active_modality_names)
     return args
 
@@ -252,7 +254,8 @@ def run_args(stored):
 
 # --eval_only evaluates what the run trained: its checkpoint's args define the Stage 1, the model and the data. From the
 # command line (default included) only where and how this evaluation runs ...
-EVAL_OWN = ("output_dir", "log_dir", "resume", "eval_only", "device", "precision", "check_data", "compile", "demo")
+EVAL_OWN = ("output_dir", "log_dir", "resume", "eval_only", "device", "precision", "check_data", "compile", "demo",
+            "eval_at_start")
 # ... and, when given, where the data is now, which split and how it is read.
 EVAL_OVERRIDES = ("datasets_dir", "feature_cache", "eval_split", "batch_size", "num_workers", "max_bad_samples",
                   "print_freq")
@@ -424,14 +427,12 @@ def seed_everything(seed):
 
 
 def setup(args):
-    """One process group, this rank's device, the absolute lr, the demo inputs, rank-offset seeds."""
+    """One process group, this rank's device, the absolute lr, rank-offset seeds."""
     rank, world_size, device = dist.init_distributed(args.device)
     args.device_obj, args.world_size = device, world_size
     args.log_dir = args.log_dir or args.output_dir
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
-    if args.demo:
-        prepare_demo(args)
     seed_everything(args.seed + rank)
 
 
@@ -456,6 +457,15 @@ def eval_only(model, eval_loader, args, files, state):
     # writing was seen to abort in gloo's threads (SIGABRT) under torchrun.
     dist.raise_together(error, CheckpointWriteError(f"{path}: rank 0 failed to write it (see its error)"))
     return metrics
+
+
+def eval_at_start(model, eval_loader, args, files, state):
+    """--eval_at_start: the weights training starts from (a fresh run's initialisation, or the resumed checkpoint's),
+    evaluated once, printed and logged (log.txt, TensorBoard) at the step training continues from."""
+    metrics, artifacts = evaluate(model, eval_loader, args)
+    print_metrics("before training:", metrics, args)
+    files.log({"epoch": state.epoch, "eval_at_start": True, "global_step": state.global_step, **metrics})
+    log_eval(files.writer, metrics, artifacts, state.global_step)
 
 
 def side_by_side(report):
@@ -546,10 +556,9 @@ def run_locked(args):
     note_eval_split(args, stage1)
     files.start(state)
 
-    before = after = None
-    if args.demo and not files.resume_path:
-        before, _ = evaluate(model, eval_loader, args)
-        print_metrics("before training:", before, args)
+    if args.eval_at_start:
+        eval_at_start(model, eval_loader, args, files, state)
+    after = None
     for epoch in range(state.epoch, args.epochs):
         t0 = time.time()
         train_loader.sampler.set_epoch(epoch, skip=state.next_step * args.batch_size)
@@ -566,12 +575,14 @@ def run_locked(args):
             raise files.preempted(stop.signum, state)
         state.next_epoch()
     files.close()
-    if args.demo and dist.is_main() and after is not None:
-        print_demo_summary(before, after, args)
     return after
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--demo" in argv:  # the demo writes its inputs, then calls this main() with its own flags and the others given
+        from tools.demo import main as demo
+        return demo([a for a in argv if a != "--demo"])
     return dist.run_entry_point(run, parse_args(argv), [
         (CheckpointWriteError, 1, "error"),  # the input was fine; the previous checkpoint.pth is intact
         ((Stage1Error, DataError, CheckpointError), EXIT_BAD_INPUT, "error"),

@@ -255,11 +255,9 @@ class RunFiles:
 
     def resume(self):
         """The TrainState to start from: the --resume checkpoint's (weights, optimizer, scaler and this rank's RNG
-        states loaded), or a fresh one, never over another run's output_dir (the demo always starts over)."""
+        states loaded), or a fresh one, never over another run's output_dir."""
         if self.resume_path is None:
-            if self.args.eval_only:
-                raise CheckpointError(f"--eval_only --resume auto: no checkpoint.pth in {self.args.output_dir}")
-            if os.path.isfile(self.path("checkpoint.pth")) and not self.args.demo:
+            if os.path.isfile(self.path("checkpoint.pth")):
                 raise CheckpointError(f"--output_dir {self.args.output_dir} already holds a run (checkpoint.pth): "
                                       f"pass --resume auto to continue it, or choose another --output_dir")
             return TrainState()
