@@ -351,22 +351,22 @@ def affinity_figure(name, sim, max_n=256):
     diag = s.diagonal().mean().item()
     off = (s.sum() - s.diagonal().sum()).item() / max(n * n - n, 1)
     fig, ax = pyplot().subplots(figsize=(4.5, 4), dpi=100)  # 450 x 400 px whatever n is
+    fig.subplots_adjust(left=0.14, right=0.98, bottom=0.12, top=0.92)  # fixed: tight_layout cost 0.1 s per figure
     im = ax.imshow(s.numpy(), interpolation="nearest", cmap="viridis")
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_title(f"{name} (first {n}): diagonal {diag:.3f}, off-diagonal {off:.3f}", fontsize=8)
     ax.set_xlabel("gallery")
     ax.set_ylabel("query")
-    fig.tight_layout()
     return fig
 
 
 def prefix_figure(prefixes):
     fig, ax = pyplot().subplots(figsize=(4, 3))
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.95)
     for name, curve in prefixes.items():
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
     ax.set_xlabel("overlapping tokens kept (prefix k)")
     ax.set_ylabel("Recall@1 (%)")
     ax.set_xticks(range(1, len(next(iter(prefixes.values()))) + 1))
     ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig

@@ -43,10 +43,13 @@ def test_demo_learns_well_above_chance_and_writes_a_real_run(tmp_path):
         ln.get("eval_at_start") for ln in log[1:])
     assert (f"{log[0]['val_mean_r1']:.2f}", f"{log[-1]['val_mean_r1']:.2f}") == m.groups()[:2], last
 
-    # Again in the same folder (one epoch): the cache is reused, and the run starts over instead of resuming or
-    # being refused; from the same seed its first evaluations equal the first run's.
+    # Again in the same folder (one epoch): the data and the cache are reused, and the run starts over instead of
+    # resuming or being refused; from the same seed its first evaluations equal the first run's.
+    data_written = {str(p): p.stat().st_mtime_ns for p in (out / "data").rglob("*")}
     stdout = run_demo(out, "--epochs", "1")
     assert stdout.count("is complete already") == 2, stdout[-3000:]  # the train and val caches
+    assert {str(p): p.stat().st_mtime_ns for p in (out / "data").rglob("*")} == data_written
+    assert not os.path.exists(f"{out / 'data'}.partial")
     again = read_log(out)
     assert [(ln["epoch"], ln.get("eval_at_start", False)) for ln in again] == [(0, True), (0, False)], again
     assert val_metrics(again[0]) == val_metrics(log[0]) and val_metrics(again[1]) == val_metrics(log[1])

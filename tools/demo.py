@@ -11,6 +11,7 @@ user gave, which win, and prints the retrieval metrics before and after training
 import glob
 import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
@@ -75,7 +76,10 @@ def prepare(args):
             from tools.make_synthetic_tvl import make_synthetic_tvl
             from tools.make_tiny_stage1 import make_tiny_stage1
             files = demo_files(args.output_dir, args.seed)
-            make_synthetic_tvl(files["datasets_dir"], n_ssvtp=240, n_hct=240, seed=0)
+            if not os.path.isdir(files["datasets_dir"]):  # written whole, then renamed: a folder there is complete
+                partial = files["datasets_dir"] + ".partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                os.replace(make_synthetic_tvl(partial, n_ssvtp=240, n_hct=240, seed=0), files["datasets_dir"])
             make_tiny_stage1(os.path.dirname(files["stage1_checkpoint"]), seed=0)
             print("demo: the tiny Stage 1 is random on purpose (seeded, no pretrained weights): the demo shows Stage 2 "
                   "learning on top of any frozen encoder")
