@@ -318,14 +318,18 @@ def evaluate(model, loader, args):
 
 
 def log_eval(writer, metrics, artifacts, step):
-    """Scalars (val_mean_r1 -> val/mean_r1), the prefix curve and an affinity picture per pair (rank 0 only)."""
+    """Scalars (val_mean_r1 -> val/mean_r1), the prefix curve and, per pair, the similarity matrix as an image with its
+    diagonal's and off-diagonal's means as scalars (rank 0 only)."""
     if writer is None:
         return
     for k, v in metrics.items():
         writer.add_scalar("/".join(k.split("_", 1)), v, step)
     split = next(iter(metrics)).split("_", 1)[0]
     for name, sim in artifacts["sim"].items():
-        writer.add_figure(f"affinity/{name}", affinity_figure(name, sim), step)
+        image, diag, off = affinity_image(sim)
+        writer.add_image(f"affinity/{name}", image, step, dataformats="HWC")
+        writer.add_scalar(f"affinity/{name}_diagonal", diag, step)
+        writer.add_scalar(f"affinity/{name}_off_diagonal", off, step)
     writer.add_figure(f"{split}/prefix_curve", prefix_figure(artifacts["prefix"]), step)
 
 
@@ -343,21 +347,19 @@ def pyplot():
     return plt
 
 
-def affinity_figure(name, sim, max_n=256):
-    """The top-left (n, n) block of a similarity matrix (row = query, column = gallery, pairs on the diagonal),
-    one block per sample (no smoothing), with a colour scale and the diagonal's mean beside the off-diagonal's."""
+def affinity_image(sim, max_n=256, min_px=256):
+    """The top-left (n, n) block of a cosine-similarity matrix (row = query, column = gallery, pairs on the
+    diagonal) as an (H, W, 3) uint8 image: viridis on the fixed range [-1, 1], so colours compare across steps and
+    runs; each sample a square block of at least min_px / n pixels (no smoothing). Drawn directly, without a
+    matplotlib figure (a figure cost 0.1-0.2 s per pair and evaluation). -> (image, diagonal mean, off-diagonal mean)."""
     n = min(sim.shape[0], max_n)
     s = sim[:n, :n].float()
     diag = s.diagonal().mean().item()
     off = (s.sum() - s.diagonal().sum()).item() / max(n * n - n, 1)
-    fig, ax = pyplot().subplots(figsize=(4.5, 4), dpi=100)  # 450 x 400 px whatever n is
-    fig.subplots_adjust(left=0.14, right=0.98, bottom=0.12, top=0.92)  # fixed: tight_layout cost 0.1 s per figure
-    im = ax.imshow(s.numpy(), interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax, label="cosine similarity")
-    ax.set_title(f"{name} (first {n}): diagonal {diag:.3f}, off-diagonal {off:.3f}", fontsize=8)
-    ax.set_xlabel("gallery")
-    ax.set_ylabel("query")
-    return fig
+    import matplotlib
+    rgb = matplotlib.colormaps["viridis"](((s.clamp(-1, 1) + 1) / 2).numpy(), bytes=True)[..., :3]  # (n, n, 3)
+    block = -(-min_px // n)  # ceil
+    return rgb.repeat(block, axis=0).repeat(block, axis=1), diag, off
 
 
 def prefix_figure(prefixes):

@@ -85,7 +85,8 @@ def test_torchrun_two_processes_tensorboard_holds_scalars_and_images(ddp_run):
                 "train/logit_scale", "train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_frac",
                 "train/max_mem_mb", "train/nested_dropout_rate", "val/mean_r1"}
     for p in PAIRS:
-        expected |= {f"train/contrastive_{p}", f"train/r1_{p}", f"val/{p}_r1", f"val/{p}_prefix1_r1"}
+        expected |= {f"train/contrastive_{p}", f"train/r1_{p}", f"val/{p}_r1", f"val/{p}_prefix1_r1",
+                     f"affinity/{p}_diagonal", f"affinity/{p}_off_diagonal"}
     for m in MODALITIES:
         expected |= {f"train/comp_l2_{m}", f"train/comp_div_{m}"}
     assert expected <= scalars, expected - scalars
