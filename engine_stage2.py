@@ -351,7 +351,8 @@ def affinity_image(sim, max_n=256, min_px=256):
     """The top-left (n, n) block of a cosine-similarity matrix (row = query, column = gallery, pairs on the
     diagonal) as an (H, W, 3) uint8 image: viridis on the fixed range [-1, 1], so colours compare across steps and
     runs; each sample a square block of at least min_px / n pixels (no smoothing). Drawn directly, without a
-    matplotlib figure (a figure cost 0.1-0.2 s per pair and evaluation). -> (image, diagonal mean, off-diagonal mean)."""
+    matplotlib figure (a figure cost 0.1-0.2 s per pair and evaluation).
+    -> (image, diagonal mean, off-diagonal mean)."""
     n = min(sim.shape[0], max_n)
     s = sim[:n, :n].float()
     diag = s.diagonal().mean().item()

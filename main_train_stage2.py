@@ -61,9 +61,10 @@ def get_args_parser():
     p = argparse.ArgumentParser("FluxTalk Stage 2 training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--demo", action="store_true",
-                   help="hand over to tools/demo.py: synthetic TVL-format data + a tiny Stage 1 under output_dir (default "
-                        "./output_dir/demo, made once), then this trainer on CPU for a few epochs with --eval_at_start "
-                        "and a table of the metrics before and after; other flags given with it pass through and win")
+                   help="hand over to tools/demo.py: synthetic TVL-format data + a tiny Stage 1 under output_dir "
+                        "(default ./output_dir/demo, made once), then this trainer on CPU for a few epochs with "
+                        "--eval_at_start and a table of the metrics before and after; other flags given with it "
+                        "pass through and win")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, args.json, TensorBoard")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
     g.add_argument("--seed", default=0, type=int, help="base seed; each rank adds its rank")
@@ -439,10 +440,8 @@ def setup(args):
 def eval_only(model, eval_loader, args, files, state):
     """--eval_only: Stage 2 and Stage 1 side by side, printed and written to eval_<split>.json; the Stage 2 metrics
     also to log.txt and TensorBoard. No checkpoint is written."""
-    metrics, artifacts = evaluate(model, eval_loader, args)
-    print_metrics(f"eval ({files.resume_path})", metrics, args)
-    files.log({"epoch": state.epoch, "eval_only": True, "checkpoint": files.resume_path, **metrics})
-    log_eval(files.open_writer(None), metrics, artifacts, state.global_step)
+    metrics, artifacts = logged_evaluation(model, eval_loader, args, files, state, files.open_writer(None),
+                                           f"eval ({files.resume_path})", eval_only=True, checkpoint=files.resume_path)
     files.close()
     report = {"split": args.eval_split, "n": int(artifacts["stage2"]["num_samples"]), "captions": args.eval_captions,
               "checkpoint": files.resume_path, "stage2": artifacts["stage2"], "stage1": artifacts["stage1"]}
@@ -459,13 +458,14 @@ def eval_only(model, eval_loader, args, files, state):
     return metrics
 
 
-def eval_at_start(model, eval_loader, args, files, state):
-    """--eval_at_start: the weights training starts from (a fresh run's initialisation, or the resumed checkpoint's),
-    evaluated once, printed and logged (log.txt, TensorBoard) at the step training continues from."""
+def logged_evaluation(model, eval_loader, args, files, state, writer, title, **line):
+    """One evaluation outside the epoch loop (--eval_only, --eval_at_start): printed under `title`, a log.txt line
+    (the epoch, `line`, the metrics) and TensorBoard at the step training is at. -> (metrics, artifacts)."""
     metrics, artifacts = evaluate(model, eval_loader, args)
-    print_metrics("before training:", metrics, args)
-    files.log({"epoch": state.epoch, "eval_at_start": True, "global_step": state.global_step, **metrics})
-    log_eval(files.writer, metrics, artifacts, state.global_step)
+    print_metrics(title, metrics, args)
+    files.log({"epoch": state.epoch, **line, **metrics})
+    log_eval(writer, metrics, artifacts, state.global_step)
+    return metrics, artifacts
 
 
 def side_by_side(report):
@@ -556,8 +556,9 @@ def run_locked(args):
     note_eval_split(args, stage1)
     files.start(state)
 
-    if args.eval_at_start:
-        eval_at_start(model, eval_loader, args, files, state)
+    if args.eval_at_start:  # the weights training starts from: a fresh run's initialisation, or the resumed ones
+        logged_evaluation(model, eval_loader, args, files, state, files.writer, "before training:", eval_at_start=True,
+                          global_step=state.global_step)
     after = None
     for epoch in range(state.epoch, args.epochs):
         t0 = time.time()

@@ -56,7 +56,8 @@ def cache_args(args):
     """cache_features.py's flags for the run's data, Stage 1, modalities, seed (--use_not_contact draws its frames
     with it) and every data-recipe flag given on the command line (the cache must hold what training will read)."""
     argv = ["--output", args.feature_cache, "--splits", "train", "val", "--num_workers", str(CACHE_WORKERS),
-            "--datasets", *args.datasets, "--active_modality_names", *args.active_modality_names, "--seed", str(args.seed)]
+            "--datasets", *args.datasets, "--active_modality_names", *args.active_modality_names,
+            "--seed", str(args.seed)]
     for k in ("datasets_dir", "stage1_checkpoint", "clip_model", "clip_pretrained", "tactile_model", "device",
               "precision", "text_prompt", "percent_not_contact", "subtract_background", "tactile_background"):
         argv += [f"--{k}", str(getattr(args, k))] if getattr(args, k) is not None else []
