@@ -34,9 +34,6 @@ PRESETS = {"mission": ("mission", "nd0"), "separate": ("objective_separate", "se
 ORDERING = [("mission", "nd0", "nested dropout 0.5"), ("prefix_all", "nd0", "all-prefix loss"),
             ("objective_separate", "separate_noorder", "all-prefix loss, separate pathway")]  # (arm, control, how)
 NAN = (float("nan"), float("nan"))  # (mean, std) of something not run
-# Per-modality probe statistics of a run's summary (key f"{stat}_{modality}"; the bare key is their mean).
-PROBE_STATS = ("unique_gain", "specific_gain", "selectivity", "raw_gap", "comp_specific", "aligned_specific",
-               "overlap_specific", "comp_shared", "aligned_shared", "comp_nuisance", "aligned_nuisance")
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -277,8 +274,9 @@ def arm_preset(arm):
 # ------------------------------------------------------------------------------ the factor-free measure
 
 def content_validation(results):
-    """Sign agreement of content_gain with unique_gain (means over seeds) on every latent arm x latent source x
-    modality cell: {"cells": [...], "agree", "n", "agree_strong", "n_strong", "disagreements"}; strong = unique_gain
+    """Sign agreement of content_gain with unique_gain, and with own_gain (specific and nuisance factors: all that
+    a measure knowing no factors can see), means over seeds, on every latent arm x latent source x modality cell:
+    {"cells": [...], "agree", "n", "agree_strong", "n_strong", "agree_own", "disagreements"}; strong = unique_gain
     beyond 2 std from 0."""
     cells = []
     for source in RULE_SOURCES:
@@ -288,17 +286,30 @@ def content_validation(results):
                 u, c = ms(values(a["runs"], f"unique_gain_{m}")), ms(values(a["runs"], f"content_gain_{m}"))
                 if np.isnan(u[0]) or np.isnan(c[0]):
                     continue
+                own, nuisance = ms(values(a["runs"], f"own_gain_{m}")), ms(values(a["runs"], f"nuisance_gain_{m}"))
                 cells.append({"source": source, "arm": arm, "modality": m, "unique_gain": u, "content_gain": c,
-                              "agree": bool(np.sign(u[0]) == np.sign(c[0])), "strong": bool(abs(u[0]) > 2 * u[1])})
+                              "own_gain": own, "nuisance_gain": nuisance,
+                              "agree": bool(np.sign(u[0]) == np.sign(c[0])), "strong": bool(abs(u[0]) > 2 * u[1]),
+                              "agree_own": bool(np.sign(own[0]) == np.sign(c[0]))})
     strong = [c for c in cells if c["strong"]]
     return {"cells": cells, "agree": sum(c["agree"] for c in cells), "n": len(cells),
             "agree_strong": sum(c["agree"] for c in strong), "n_strong": len(strong),
-            "disagreements": [c for c in cells if not c["agree"]]}
+            "agree_own": sum(c["agree_own"] for c in cells), "r_unique": correlation(cells, "unique_gain"),
+            "r_own": correlation(cells, "own_gain"),
+            "disagreements": [c for c in cells if not (c["agree"] and c["agree_own"])]}
+
+
+def correlation(cells, key):
+    """Pearson correlation of content_gain with `key` over the cells' means (nan below three cells)."""
+    if len(cells) < 3:
+        return float("nan")
+    return float(np.corrcoef([c[key][0] for c in cells], [c["content_gain"][0] for c in cells])[0, 1])
 
 
 def agreement_line(v):
     return (f"study(content_agreement): sign agreement of content_gain with unique_gain agree={v['agree']}/{v['n']} "
-            f"beyond_2std={v['agree_strong']}/{v['n_strong']}")
+            f"beyond_2std={v['agree_strong']}/{v['n_strong']}; with own_gain (specific and nuisance) "
+            f"agree_own={v['agree_own']}/{v['n']}")
 
 
 # ------------------------------------------------------------------------------------------------ hypotheses
@@ -605,13 +616,26 @@ def validation_markdown(results):
     if v["n"]:
         lines += [f"Validation on the latent sources (every arm × `latent`/`latent_shed` × modality, means over "
                   f"seeds): content_gain agrees in sign with unique_gain in **{v['agree']} of {v['n']}** cells; in "
-                  f"**{v['agree_strong']} of {v['n_strong']}** where unique_gain is beyond 2 std from 0.", ""]
+                  f"**{v['agree_strong']} of {v['n_strong']}** where unique_gain is beyond 2 std from 0. It agrees "
+                  f"in sign with own_gain in **{v['agree_own']} of {v['n']}**. Pearson correlation over the cells: "
+                  f"{v['r_unique']:.2f} with unique_gain, {v['r_own']:.2f} with own_gain.", "",
+                  "own_gain = unique_gain's measure (own score of [aligned, complementary] minus [aligned, "
+                  "complementary at initialisation]) over every factor only this modality sees, specific and "
+                  "nuisance (nuisance_gain: over the nuisance alone). A measure that knows no factors cannot do "
+                  "better than own_gain: the specific and the nuisance latents are both properties of the sample, "
+                  "seen by this modality's tokens only, kept by every augmented view; on `latent_shed` touch's "
+                  "global embedding holds neither, so only their labels tell them apart. Where an arm gains specific "
+                  "information while losing nuisance (a global-embedding target teaches the complementary token the "
+                  "specific latent and nothing keeps the nuisance), unique_gain and content_gain can differ in "
+                  "sign.", ""]
         if v["disagreements"]:
-            lines += ["Disagreements:", ""] + table(
-                ["source", "arm", "modality", "unique_gain", "content_gain", "unique_gain beyond 2 std"],
-                [[c["source"], f"`{c['arm']}`", c["modality"], fmt(c["unique_gain"], 3), fmt(c["content_gain"], 3),
-                  yn(c["strong"])] for c in v["disagreements"]]) + ["", "![content_gain vs unique_gain]"
-                                                                    "(content_validation.png)", ""]
+            lines += ["Cells where content_gain disagrees in sign with unique_gain or own_gain:", ""] + table(
+                ["source", "arm", "modality", "unique_gain", "nuisance_gain", "own_gain", "content_gain",
+                 "unique_gain beyond 2 std", "sign as unique_gain", "sign as own_gain"],
+                [[c["source"], f"`{c['arm']}`", c["modality"], fmt(c["unique_gain"], 3), fmt(c["nuisance_gain"], 3),
+                  fmt(c["own_gain"], 3), fmt(c["content_gain"], 3), yn(c["strong"]), yn(c["agree"]),
+                  yn(c["agree_own"])] for c in v["disagreements"]]) + [""]
+        lines += ["![content_gain vs unique_gain and own_gain](content_validation.png)", ""]
     return lines
 
 
@@ -835,19 +859,22 @@ def validation_plot(plt, results, out):
     v = content_validation(results)
     if not v["n"]:
         return
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for source, marker, colors in zip(RULE_SOURCES, ("o", "s"), (("C0", "C1"), ("C2", "C3"))):
-        for m, color in zip(("tactile", "vision"), colors):
-            cs = [c for c in v["cells"] if c["source"] == source and c["modality"] == m]
-            if cs:
-                ax.errorbar([c["unique_gain"][0] for c in cs], [c["content_gain"][0] for c in cs],
-                            xerr=[c["unique_gain"][1] for c in cs], yerr=[c["content_gain"][1] for c in cs],
-                            fmt=marker, color=color, ms=4, capsize=2, label=f"{source}, {m}")
-    ax.axhline(0, color="black", lw=0.6)
-    ax.axvline(0, color="black", lw=0.6)
-    ax.set(xlabel="unique_gain (known factors)", ylabel="content_gain (no factors)",
-           title=f"sign agreement {v['agree']}/{v['n']} (beyond 2 std: {v['agree_strong']}/{v['n_strong']})")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, key, title in ((axes[0], "unique_gain", f"agree {v['agree']}/{v['n']} (beyond 2 std: "
+                                                     f"{v['agree_strong']}/{v['n_strong']}), r {v['r_unique']:.2f}"),
+                           (axes[1], "own_gain", f"agree {v['agree_own']}/{v['n']}, r {v['r_own']:.2f}")):
+        for source, marker, colors in zip(RULE_SOURCES, ("o", "s"), (("C0", "C1"), ("C2", "C3"))):
+            for m, color in zip(("tactile", "vision"), colors):
+                cs = [c for c in v["cells"] if c["source"] == source and c["modality"] == m]
+                if cs:
+                    ax.errorbar([c[key][0] for c in cs], [c["content_gain"][0] for c in cs],
+                                xerr=[c[key][1] for c in cs], yerr=[c["content_gain"][1] for c in cs],
+                                fmt=marker, color=color, ms=4, capsize=2, label=f"{source}, {m}")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set(xlabel=f"{key} (known factors)", title=f"sign {title}")
+    axes[0].set_ylabel("content_gain (no factors)")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "content_validation.png"), dpi=110)
     plt.close(fig)

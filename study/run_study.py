@@ -46,7 +46,9 @@ study/probes.py; "own specific": m's specific factors read from m's tokens):
                  what a token-level target keeps too);
   content_gain   (no factors needed) the same control as unique_gain, on the modality's own Stage 1 token content:
                  the top CONTENT_K = 16 principal components of its mean-pooled (non-padded) context tokens, PCA
-                 fitted on the train split's plain view, scored by the variance-weighted R² of a ridge probe;
+                 fitted on the train split's plain view, scored by the variance-weighted R² of a ridge probe.
+                 Validated against unique_gain on the latent sources, and against own_gain: unique_gain's measure
+                 on every factor only m sees (specific and nuisance), which is all a factor-free measure can see;
   stage1_content (no training) the content R² from [partner's Stage 1 global, own] minus from [partner's] alone:
                  whether m's global embedding holds token content the partner cannot predict, i.e. whether a
                  global-embedding target (the partner residual) has anything to teach the complementary token;
@@ -226,7 +228,8 @@ def get_args_parser():
     p.add_argument("--lengths", type=int, nargs="*", default=None,
                    help="epochs of the training-length axis, besides --epochs (default: by size; none: off)")
     p.add_argument("--rewrite_report", action="store_true",
-                   help="only rewrite RESULTS.md and the plots from OUTPUT/results.json (no training)")
+                   help="no training: recompute every derived number from the raw measurements in "
+                        "OUTPUT/results.json (rewritten with them), then RESULTS.md, the plots and the summary lines")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared CPU, spinning OpenMP threads made steps ~30x slower)")
     p.add_argument("--sources", nargs="+", default=None, type=source_spec,
@@ -550,11 +553,12 @@ def mean_prefix(ret):
 
 
 def probe_mean(probes, kinds, rep, kind, base=None, mods=None):
-    """Mean probe score of representation `rep` (minus that of `base`) over the factors of `kind`: shared factors
-    on every modality's tokens, specific / nuisance ones on their own modality's; only modalities `mods` (default:
-    all); nan when there are none."""
+    """Mean probe score of representation `rep` (minus that of `base`) over the factors of `kind` (one kind or a
+    tuple of them): shared factors on every modality's tokens, specific / nuisance ones on their own modality's;
+    only modalities `mods` (default: all); nan when there are none."""
+    wanted = (kind,) if isinstance(kind, str) else kind
     vals = [probes[m][rep][f] - (probes[m][base][f] if base else 0.0) for m in (mods or probes)
-            for f, k in kinds.items() if k == kind and (kind == "shared" or f.startswith(m + "_"))
+            for f, k in kinds.items() if k in wanted and (k == "shared" or f.startswith(m + "_"))
             and rep in probes[m] and (base is None or base in probes[m])]
     return float(np.mean(vals)) if vals else float("nan")
 
@@ -567,6 +571,10 @@ def mean_over(values):
 
 # summary statistic -> (representation, factor kind, control representation) of probe_mean, per modality
 PROBE_MEANS = {"unique_gain": ("aligned+complementary", "specific", "aligned+complementary(init)"),
+               # unique_gain's measure on the nuisance factors, and on every factor only m sees (specific and
+               # nuisance): what a measure that knows no factors (content_gain) can tell apart at best
+               "nuisance_gain": ("aligned+complementary", "nuisance", "aligned+complementary(init)"),
+               "own_gain": ("aligned+complementary", ("specific", "nuisance"), "aligned+complementary(init)"),
                "specific_gain": ("complementary", "specific", "aligned"),
                "raw_gap": ("complementary", "specific", "overlapping"),
                "comp_specific": ("complementary", "specific", None), "aligned_specific": ("aligned", "specific", None),
@@ -772,11 +780,7 @@ def main(argv=None):
     parser = get_args_parser()
     a = parser.parse_args(argv)
     if a.rewrite_report:
-        with open(os.path.join(a.output, "results.json")) as f:
-            results = json.load(f)
-        write_report(results, a.output)
-        plot(results, a.output)
-        return 0
+        return rewrite_report(a.output)
     t0 = time.time()
     size_name = "smoke" if a.smoke else "quick" if a.quick else "full"
     size = SIZES[size_name]
@@ -826,6 +830,30 @@ def main(argv=None):
     write_report(results, out)
     plot(results, out)
     print_summary(results, default)
+    return 0
+
+
+def rewrite_report(out):
+    """--rewrite_report: every derived number (each run's summary, the decision, the content_gain validation)
+    recomputed by this code from the raw measurements in OUT/results.json, which is rewritten with them, then
+    RESULTS.md, the plots and the summary lines. No training."""
+    path = os.path.join(out, "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    for src in results["sources"].values():
+        lengths = src.get("lengths", {}).get("runs", {})
+        for runs in [a["runs"] for a in src["arms"].values()] + [src["init"]] + [
+                r for by_epochs in lengths.values() for r in by_epochs.values()]:
+            for run in runs:
+                run["summary"] = summarise(run, src["kinds"], src["num_overlapping"])
+    results["decision"] = decide(results)
+    results["content_validation"] = content_validation(results)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    write_report(results, out)
+    plot(results, out)
+    print_summary(results, results["default_objective"])
     return 0
 
 

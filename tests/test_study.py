@@ -208,8 +208,9 @@ def test_latent_source_axis_changes_only_touchs_global(tmp_path, tiny_stage1_fil
 
 def test_unique_gain_reads_the_right_representations():
     """Tokens built so the answer is known: overlapping tokens hold the shared factor, the complementary token the
-    specific one, the untrained control holds nothing -> unique_gain ~1; with the control equal to the trained
-    token it is exactly 0; specific_gain compares the complementary token with the aligned embedding."""
+    specific one, the untrained control holds only the nuisance -> unique_gain ~1, nuisance_gain ~-1 and own_gain
+    (both kinds together) their mean; with the control equal to the trained token all are exactly 0; specific_gain
+    compares the complementary token with the aligned embedding."""
     import torch
 
     from study.run_study import probe_summary, probe_table, representations
@@ -222,9 +223,13 @@ def test_unique_gain_reads_the_right_representations():
     reg[:, 3, 2:4] = specific
     reg += 0.01 * rng.standard_normal(reg.shape)
     reg = torch.tensor(reg, dtype=torch.float32)
-    noise = torch.tensor(rng.standard_normal((n, e)), dtype=torch.float32)
-    kinds = {"shared": "shared", "vision_specific": "specific"}
-    y = {"shared": (shared, np.ones(n, bool)), "vision_specific": (specific, np.ones(n, bool))}
+    nuisance = rng.standard_normal((n, 2))
+    noise = rng.standard_normal((n, e))
+    noise[:, :2] = nuisance
+    noise = torch.tensor(noise, dtype=torch.float32)
+    kinds = {"shared": "shared", "vision_specific": "specific", "vision_nuisance": "nuisance"}
+    y = {"shared": (shared, np.ones(n, bool)), "vision_specific": (specific, np.ones(n, bool)),
+         "vision_nuisance": (nuisance, np.ones(n, bool))}
     split = lambda d, s: {k: (v[0][s], v[1][s]) for k, v in d.items()}  # noqa: E731
 
     def summary(control):
@@ -235,9 +240,12 @@ def test_unique_gain_reads_the_right_representations():
 
     untrained = summary(noise)
     assert untrained["unique_gain"] > 0.95  # [aligned, comp] ~1 against [aligned, noise] ~0
+    assert untrained["nuisance_gain"] < -0.95  # the control held the nuisance, the trained token does not
+    assert untrained["own_gain"] == pytest.approx((untrained["unique_gain"] + untrained["nuisance_gain"]) / 2)
     assert untrained["specific_gain"] > 0.95 and untrained["aligned_specific"] < 0.05
     assert untrained["comp_shared"] < 0.05 and untrained["aligned_shared"] > 0.9
-    assert summary(reg[:, 3])["unique_gain"] == 0.0  # control = the trained token: nothing added
+    same = summary(reg[:, 3])  # control = the trained token: nothing added
+    assert same["unique_gain"] == same["nuisance_gain"] == same["own_gain"] == 0.0
 
 
 def test_content_gain_and_stage1_diagnostic_match_an_independent_computation():
@@ -379,6 +387,32 @@ def test_decision_rule_on_hand_built_numbers():
     one = fake_results({"objective_separate": good})
     del one["sources"]["latent_shed"]
     assert decide(one)["chosen"] is None and "needs both" in decide(one)["status"]
+
+
+def test_content_validation_counts_signs_against_unique_and_own_gain():
+    """Hand-built cells: content_gain following own_gain (specific and nuisance) where unique_gain (specific only)
+    has the other sign; the counts, the 2-std split, the disagreement list and Pearson's r (by its formula)."""
+    from study.report import agreement_line, content_validation
+
+    def arm(unique, own, content):  # two seeds, the same numbers in both modalities
+        runs = [{"summary": {f"{k}_{m}": v[i] for m in ("tactile", "vision")
+                             for k, v in (("unique_gain", unique), ("own_gain", own), ("content_gain", content),
+                                          ("nuisance_gain", (0.0, 0.0)))}} for i in range(2)]
+        return {"runs": runs}
+    arms = {"a": arm((0.20, 0.22), (0.10, 0.12), (0.05, 0.06)),  # all positive: agree
+            "b": arm((0.02, 0.04), (-0.03, -0.05), (-0.01, -0.02)),  # unique > 0 (beyond 2 std), content < 0
+            "c": arm((-0.01, 0.03), (-0.02, -0.04), (-0.01, -0.01))}  # unique within 2 std, positive mean
+    res = {"sources": {"latent": {"mods": ["vision", "tactile"], "arms": arms},
+                       "latent_shed": {"mods": ["vision", "tactile"], "arms": {"a": arms["a"]}}}}
+    v = content_validation(res)
+    assert (v["n"], v["agree"], v["agree_own"], v["n_strong"], v["agree_strong"]) == (8, 4, 8, 6, 4)
+    assert {(c["source"], c["arm"]) for c in v["disagreements"]} == {("latent", "b"), ("latent", "c")}
+    assert [c["modality"] for c in v["cells"]][:2] == ["tactile", "vision"]  # touch first
+    x = np.array([c["unique_gain"][0] for c in v["cells"]])
+    y = np.array([c["content_gain"][0] for c in v["cells"]])
+    r = ((x - x.mean()) * (y - y.mean())).sum() / np.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    assert v["r_unique"] == pytest.approx(r)
+    assert agreement_line(v).endswith("agree=4/8 beyond_2std=4/6; with own_gain (specific and nuisance) agree_own=8/8")
 
 
 def test_summary_line_carries_the_per_modality_numbers():
@@ -578,7 +612,8 @@ def test_smoke_study_writes_its_outputs(tmp_path):
             assert v[f"stage1_content_{mod}"] == pytest.approx(diag[source][mod]["stage1_content"], abs=6e-4)
     val = res["content_validation"]
     assert val["n"] == 2 * 2 * 7  # 7 arms x 2 latent sources x 2 modalities
-    assert f"agree={val['agree']}/{val['n']} beyond_2std={val['agree_strong']}/{val['n_strong']}" in lines[-2]
+    assert (f"agree={val['agree']}/{val['n']} beyond_2std={val['agree_strong']}/{val['n_strong']}; with own_gain "
+            f"(specific and nuisance) agree_own={val['agree_own']}/{val['n']}") in lines[-2]
     dec = res["decision"]
     # candidates: the arms run on both latent sources that have a no-ordering control (--arms runs them on both)
     assert set(dec["candidates"]) == {"mission", "residual", "objective_separate", "separate_difference",
@@ -593,6 +628,18 @@ def test_smoke_study_writes_its_outputs(tmp_path):
                  "probes_latent_shed.png", "probes_tvl.png", "lengths.png", "modalities.png",
                  "content_validation.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # --rewrite_report recomputes every derived number from the raw measurements: drop them, get them back
+    stripped = dict(json.loads(json.dumps(res)), decision=None, content_validation=None)  # a deep copy
+    for src in stripped["sources"].values():
+        for runs in [a["runs"] for a in src["arms"].values()] + [src["init"]]:
+            for r_ in runs:
+                r_["summary"] = {}
+    (out / "results.json").write_text(json.dumps(stripped))
+    (out / "RESULTS.md").unlink()
+    again = run_study_script("--rewrite_report", "--output", str(out))
+    assert len(again) >= 9 and again == lines[-len(again):]  # the study's summary lines, printed again
+    same = lambda d: json.dumps(d, sort_keys=True)  # noqa: E731  (text: NaN, as of the untrained rows, != itself)
+    assert same(json.load(open(out / "results.json"))) == same(res) and (out / "RESULTS.md").read_text() == md
 
 
 @pytest.mark.slow
