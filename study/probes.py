@@ -1,4 +1,5 @@
-"""Linear probes: how much of a factor a representation holds linearly, fitted on train, scored on held-out data.
+"""Linear probes: how much of a factor a representation holds linearly, fitted on train, scored on held-out data
+(and knn_many, a nonlinear probe family for re-checks).
 
 Closed form throughout (torch float64, so torch.set_num_threads governs it; no optimiser, no iteration count to
 tune): ridge regression on standardised features, its strength picked by 3-fold cross-validation on the train split
@@ -116,6 +117,21 @@ def probe_many(x_train, x_test, targets):
         y_train, y_test, score = targets_and_score(kind, y_train, y_test, num_classes)
         lam = choose_lambda(x_train, y_train, score, folds)
         scores.append(score(y_test, ridge_fit(full, y_train, [lam])[0]))
+    return scores
+
+
+def knn_many(x_train, x_test, targets, k=20):
+    """probe_many's contract with another probe family, for re-checks (study/recheck.py): k-nearest-neighbour
+    regression (uniform mean of the k nearest train rows' targets, Euclidean distance on standardised features;
+    classes: argmax of the neighbours' one-hot mean). Nonlinear and with nothing fitted, so a factor held in any
+    smooth form counts, not only linearly. k fixed a priori."""
+    x_train, x_test = (torch.from_numpy(a) for a in standardise(np.asarray(x_train, np.float64),
+                                                               np.asarray(x_test, np.float64)))
+    nearest = torch.cdist(x_test, x_train).topk(min(k, len(x_train)), largest=False).indices.numpy()  # (N_test, k)
+    scores = []
+    for kind, y_train, y_test, num_classes in targets:
+        y_train, y_test, score = targets_and_score(kind, y_train, y_test, num_classes)
+        scores.append(score(y_test, y_train[nearest].mean(1)))
     return scores
 
 

@@ -751,6 +751,8 @@ def write_report(results, out):
              f"lengths {results['lengths']}, {results['threads']} CPU thread(s), device {results['device']})", "",
              f"main_train_stage2's default objective: `{default}` (arm `{PRESETS[default][0]}`; `--arms default` "
              f"names it).", ""]
+    if results.get("preamble"):
+        lines += [results["preamble"], ""]
     if results["skipped_arms"]:
         lines += [f"Arms not run (flags missing in this main_train_stage2): {', '.join(results['skipped_arms'])}", ""]
     lines += ["## Headline", ""] + headline_markdown(results) + [""]

@@ -776,7 +776,9 @@ def fail(message):
     return 2
 
 
-def main(argv=None):
+def main(argv=None, setting=None):
+    """setting: {"command": how the run was launched, "preamble": a paragraph for RESULTS.md} of a script that runs
+    the study in another setting (study/recheck.py); both are stored in results.json."""
     parser = get_args_parser()
     a = parser.parse_args(argv)
     if a.rewrite_report:
@@ -811,8 +813,9 @@ def main(argv=None):
     work = a.work_dir or os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
     results = {"command": " ".join(["python study/run_study.py"] + (argv if argv is not None else sys.argv[1:])),
-               "size": size_name, "seeds": seeds, "epochs": epochs, "lengths": list(lengths), "threads": a.threads,
-               "device": a.device, "default_objective": default, "skipped_arms": skipped, "sources": {}}
+               **(setting or {}), "size": size_name, "seeds": seeds, "epochs": epochs, "lengths": list(lengths),
+               "threads": a.threads, "device": a.device, "default_objective": default, "skipped_arms": skipped,
+               "sources": {}}
     try:
         run_sources(results, sources, size, epochs, seeds, lengths, plan, arms, default, work, a)
     except DataError as e:  # a cache:DIR that is no cache

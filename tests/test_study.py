@@ -75,6 +75,32 @@ def test_variance_weighted_r2_and_ridge_match_sklearn():
     assert pca(feats[:5], 16)[1].shape == (20, 4) and pca(feats[:, :3], 16)[1].shape == (3, 3)  # fewer: k <= N-1, D
 
 
+def test_knn_probes_match_sklearn():
+    """knn_many against sklearn's k-nearest-neighbour regressor / classifier on the same standardised features:
+    R², variance-weighted R² and accuracy of their predictions."""
+    from sklearn.metrics import r2_score
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
+
+    from study.probes import knn_many
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((500, 3)) * np.array([1.0, 10.0, 0.1])  # standardised first: the scales do not matter
+    y = np.cos(x[:, :2] * [2.0, 0.2]) + 0.1 * rng.standard_normal((500, 2))  # even in x: nothing linear
+    labels = (x[:, 0] > 0).astype(int) + (x[:, 2] > 0)
+    tr, te = slice(0, 400), slice(400, 500)
+    scaler = StandardScaler().fit(x[tr])
+    xs_tr, xs_te = scaler.transform(x[tr]), scaler.transform(x[te])
+    pred = KNeighborsRegressor(n_neighbors=20).fit(xs_tr, y[tr]).predict(xs_te)
+    acc = (KNeighborsClassifier(n_neighbors=20).fit(xs_tr, labels[tr]).predict(xs_te) == labels[te]).mean()
+    ours = knn_many(x[tr], x[te], [("continuous", y[tr], y[te], None), ("content", y[tr], y[te], None),
+                                   ("class", labels[tr], labels[te], 3)])
+    assert ours[0] == pytest.approx(r2_score(y[te], pred), abs=1e-9)
+    assert ours[1] == pytest.approx(r2_score(y[te], pred, multioutput="variance_weighted"), abs=1e-9)
+    assert ours[2] == pytest.approx(acc, abs=0.011)  # ties in the vote may break otherwise: at most one sample
+    linear = probe_continuous(x[tr], y[tr], x[te], y[te])
+    assert ours[0] > 0.5 and linear < 0.05, (ours[0], linear)  # what a linear probe cannot see
+
+
 def test_content_probe_scores_the_fraction_of_variance_recovered():
     """Two content components of variance 3 and 1; the features hold exactly the first: the variance-weighted R²
     is 3/4 (the plain mean over components would say 1/2)."""
@@ -640,6 +666,37 @@ def test_smoke_study_writes_its_outputs(tmp_path):
     assert len(again) >= 9 and again == lines[-len(again):]  # the study's summary lines, printed again
     same = lambda d: json.dumps(d, sort_keys=True)  # noqa: E731  (text: NaN, as of the untrained rows, != itself)
     assert same(json.load(open(out / "results.json"))) == same(res) and (out / "RESULTS.md").read_text() == md
+
+
+@pytest.mark.slow
+def test_recheck_runs_the_study_on_another_latent_structure_with_knn_probes(tmp_path):
+    """study/recheck.py: the cache holds the held-out structure (token count, latent sizes), a stored Stage 1 probe
+    score equals sklearn's k-nearest-neighbour regressor on the cached features, the setting is recorded, and the
+    study's own structure and ridge probes are back afterwards."""
+    from sklearn.metrics import r2_score
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
+
+    from study import latent_tokens, probes, recheck
+    spec, spans = dict(latent_tokens.SPEC), dict(latent_tokens.SPANS)
+    out = tmp_path / "recheck"
+    assert recheck.main(["--smoke", "--seeds", "1", "--output", str(out)]) == 0
+    assert latent_tokens.SPEC == spec and latent_tokens.SPANS == spans and probes.probe_many.__name__ == "probe_many"
+    res = json.load(open(out / "results.json"))
+    assert res["command"].startswith("python study/recheck.py --smoke") and set(res["sources"]) == {"latent",
+                                                                                                   "latent_shed"}
+    assert recheck.PREAMBLE in (out / "RESULTS.md").read_text()
+    cache = out / "work" / "cache_latent_128_64_v2"
+    samples = json.load(open(cache / "factors.json"))["samples"]
+    assert len(samples["latent/train/000000"]["vision_specific"]) == recheck.HELDOUT_SPEC["specific_dim"] != spec[
+        "specific_dim"]
+    assert np.load(cache / "val" / "shard_00000" / "vision_tokens.npy").shape[2] == recheck.HELDOUT_SPEC["num_context"]
+    x = {s: np.load(cache / s / "shard_00000" / "vision_global.npy")[0] for s in ("train", "val")}  # plain view
+    y = {s: np.array([samples[f"latent/{s}/{i:06d}"]["shared"] for i in range(len(x[s]))]) for s in x}
+    scaler = StandardScaler().fit(x["train"])
+    knn = KNeighborsRegressor(n_neighbors=20).fit(scaler.transform(x["train"]), y["train"])
+    expect = r2_score(y["val"], knn.predict(scaler.transform(x["val"])))
+    assert res["sources"]["latent"]["stage1"]["probes"]["vision"]["shared"] == pytest.approx(expect, abs=1e-6)
 
 
 @pytest.mark.slow
