@@ -167,8 +167,16 @@ def reduce_mean(t):
 
 
 def cleanup():
+    """Tears the process group down now, its threads included, while the interpreter is intact."""
+    global _CONTROL_GROUP
     if is_dist():
         dist.destroy_process_group()
+        # destroy_process_group only unregisters the groups: a gloo group and its threads live until its last
+        # reference goes, and this one kept them into interpreter shutdown. A worker thread late to free a finished
+        # all_gather (tensors with Python objects: on a loaded machine) then needs the GIL, and Python ends a thread
+        # taking the GIL while finalizing: std::terminate, SIGABRT ("terminate called without an active exception")
+        # instead of the exit code. Dropped here, the group joins its threads now (without holding the GIL).
+        _CONTROL_GROUP = None
 
 
 def finish_together(timeout_s=120):
