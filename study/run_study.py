@@ -824,24 +824,15 @@ def main(argv=None, setting=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     results["headline_source"] = headline
-    results["decision"] = decide(results)
-    results["content_validation"] = content_validation(results)
     results["wall_time_s"] = time.time() - t0
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_report(results, out)
-    plot(results, out)
-    print_summary(results, default)
-    return 0
+    return write_outputs(results, out)
 
 
 def rewrite_report(out):
     """--rewrite_report: every derived number (each run's summary, the decision, the content_gain validation)
-    recomputed by this code from the raw measurements in OUT/results.json, which is rewritten with them, then
-    RESULTS.md, the plots and the summary lines. No training."""
-    path = os.path.join(out, "results.json")
-    with open(path) as f:
+    recomputed by this code from the raw measurements in OUT/results.json, then every output written again. No
+    training."""
+    with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     for src in results["sources"].values():
         lengths = src.get("lengths", {}).get("runs", {})
@@ -849,8 +840,16 @@ def rewrite_report(out):
                 r for by_epochs in lengths.values() for r in by_epochs.values()]:
             for run in runs:
                 run["summary"] = summarise(run, src["kinds"], src["num_overlapping"])
+    return write_outputs(results, out)
+
+
+def write_outputs(results, out):
+    """The decision and the content_gain validation computed from the runs' summaries, then results.json (written
+    whole, then renamed), RESULTS.md, the plots and the summary lines."""
     results["decision"] = decide(results)
     results["content_validation"] = content_validation(results)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
